@@ -1,0 +1,1 @@
+"""Evaluation and export: MIL feature export, kNN, linear probe, segmentation fine-tuning."""

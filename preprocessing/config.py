@@ -1,0 +1,57 @@
+"""Typed config of the tiling stage (``configs/tile/*.yaml``, ``sgcl tile --config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+SLIDE_EXTENSIONS = [
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
+    ".png", ".jpg", ".jpeg", ".jp2", ".ome.tif", ".ome.tiff",
+]
+
+
+@dataclass
+class PatchConfig:
+    target_mpp: float = 0.5          # µm/px of the output patches
+    patch_size: int = 224            # output patch side in pixels
+    stride: Optional[int] = None     # output pixels between patch origins (None = patch_size, no overlap)
+
+
+@dataclass
+class TissueConfig:
+    detection_mpp: float = 8.0       # µm/px of the low-resolution image used for tissue detection
+    method: Literal["otsu", "fixed"] = "otsu"
+    saturation_threshold: int = 8    # used when method == "fixed" (0-255 HSV saturation)
+    median_blur: int = 7             # odd kernel size on the saturation channel (0 = off)
+    close_um: float = 16.0           # morphological closing radius, µm
+    min_area_mm2: float = 0.01       # tissue components smaller than this are dropped
+    min_hole_area_mm2: float = 0.005 # holes smaller than this are filled
+    pen_filter: bool = True          # remove blue/green/black pen ink
+    min_tissue_fraction: float = 0.5 # keep grid cells with at least this tissue fraction
+    white_threshold: int = 220       # after reading: a pixel with min(RGB) above this is background
+    black_threshold: int = 25        # after reading: a pixel with max(RGB) below this is background
+    max_background_fraction: float = 0.9  # drop patches whose background pixel fraction exceeds this
+
+
+@dataclass
+class OutputConfig:
+    codec: Literal["raw", "lzf", "gzip", "jpeg"] = "jpeg"
+    jpeg_quality: int = 90
+    gzip_level: int = 4
+    qc: bool = True                  # per-slide QC PNG and the cohort index.html
+
+
+@dataclass
+class TileConfig:
+    inputs: list[str] = field(default_factory=list)  # slide files, folders or a CSV with per-slide overrides
+    out_dir: str = "outputs/tiles"
+    reader: Literal["auto", "openslide", "image", "tiatoolbox"] = "auto"
+    assume_mpp: Optional[float] = None  # µm/px for slides whose header has none (a CSV `mpp` column wins)
+    recursive: bool = False
+    workers: int = 1
+    shard: str = "0/1"               # i/n: process the i-th of n interleaved shards (cluster array jobs)
+    overwrite: bool = False          # redo slides even when done with the same parameters
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

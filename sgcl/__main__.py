@@ -1,0 +1,5 @@
+import sys
+
+from sgcl.cli import main
+
+sys.exit(main())

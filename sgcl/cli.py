@@ -1,0 +1,48 @@
+"""The ``sgcl`` console command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing ``main(argv: list[str] | None) -> int``;
+this file only dispatches, so ``sgcl --help`` stays fast (nothing heavy is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from sgcl import __version__
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tile": ("preprocessing.tile", "tile slides into per-slide HDF5 patch files + QC + manifest"),
+    "pretrain": ("sgcl.pretrain", "self-supervised pretraining (SGCL, MoCo v2, SimCLR) on HDF5 patches"),
+    "extract": ("evaluation.extract", "export per-slide features for MIL (CLAM/TRIDENT .h5 and .pt)"),
+    "eval": ("evaluation.cli", "evaluation protocols: knn | linear | fewshot | seg"),
+    "demo": ("sgcl.demo", "run the whole pipeline on the demo slide shipped in the repo"),
+}
+
+
+def _usage() -> str:
+    lines = [f"sgcl {__version__}", "", "usage: sgcl <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `sgcl <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sgcl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

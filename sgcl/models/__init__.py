@@ -1,0 +1,1 @@
+"""Backbones (timm by name), projection heads and export."""

@@ -1,0 +1,1 @@
+"""View generation: crop policies, photometric augmentation, multi-crop, view geometry."""

@@ -252,3 +252,30 @@ def test_read_many_any_order_with_repeats(tmp_path):
     got = pf.read_many(idx)
     for k, i in enumerate(idx):
         np.testing.assert_array_equal(got[k], pf.read(i))
+
+
+def test_patch_stage_memory_does_not_grow_with_slide_size(tmp_path, monkeypatch):
+    """A slide with ~6× the patches needs no more memory while patches are read and written: bounded
+    bands + 2 write batches, nothing kept per patch. (Bands and batches are made small here so that
+    per-patch growth would show; the low-res tissue stage scales with the slide's area at detection_mpp.)"""
+    import tracemalloc
+
+    monkeypatch.setattr(slide_tiler, "MAX_BAND_PIXELS", 224 * 224)  # one-patch bands in both slides
+    monkeypatch.setattr(slide_tiler, "WRITE_BATCH", 2)  # several batches even in the small slide
+    stream, peaks = slide_tiler._stream_patches, []
+
+    def measured(*args, **kwargs):
+        tracemalloc.start()
+        try:
+            return stream(*args, **kwargs)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(slide_tiler, "_stream_patches", measured)
+    counts = []
+    for name, (h, w) in {"small": (1024, 1536), "large": (2048, 3072)}.items():
+        slide = write_synthetic_slide(tmp_path / f"{name}.tiff", h, w, mpp=0.5)
+        counts.append(tile_slide(slide, tmp_path / f"{name}.h5", make_cfg(codec="raw")).n_patches)
+    assert counts[1] > 3 * counts[0] and counts[1] - counts[0] > 20
+    assert peaks[1] < peaks[0] + 300e3, (peaks, counts)  # 20 extra patches kept would be 3 MB

@@ -75,6 +75,22 @@ def params_hash(cfg: TileConfig, reader: str, mpp: float) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None) -> str:
+    """The ``params_hash`` that ``tile_slide`` would record for ``path`` (opens the header only, reads no
+    pixels): a cohort runner compares it with an existing file's attr to decide skip vs redo.
+    Raises :class:`SlideError` like ``tile_slide`` for unopenable slides or a missing µm/px."""
+    path = Path(path)
+    reader = _open(path, cfg)
+    try:
+        try:
+            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
+        except MppError as exc:
+            raise SlideError(str(exc)) from exc
+        return params_hash(cfg, reader.name, mpp.value)
+    finally:
+        reader.close()
+
+
 def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int) -> list[np.ndarray]:
     """Split sorted kept columns into runs read as one region: break at gaps wider than one patch
     or when the region would exceed ``max_width`` pixels."""

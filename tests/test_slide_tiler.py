@@ -17,7 +17,8 @@ from preprocessing import slide_tiler
 from preprocessing.config import TileConfig
 from preprocessing.h5format import PatchFile
 from preprocessing.readers import open_slide
-from preprocessing.slide_tiler import SlideError, params_hash, tile_slide
+from preprocessing.qc import PATCH_COLOUR, TISSUE_COLOUR
+from preprocessing.slide_tiler import SlideError, params_hash, slide_params_hash, tile_slide
 
 
 def make_cfg(target_mpp=0.5, patch_size=224, stride=None, codec="raw", **tissue) -> TileConfig:
@@ -179,8 +180,10 @@ def test_cmu_svs_header_mpp_and_qc(tmp_path):
     assert res.status == "done" and res.mpp == pytest.approx(0.499) and res.mpp_source == "header:openslide.mpp-x"
     assert 30 <= res.n_patches <= 70, res.n_patches  # README: ~45 of ~117 tiles have > 50 % tissue
     assert 0.2 < res.tissue_area_mm2 < 1.6  # the slide is 1.1 × 1.5 mm
-    qc = cv2.imread(res.qc_png)
-    assert qc is not None and qc.shape[0] > 500
+    qc = cv2.imread(res.qc_png)[..., ::-1]
+    assert qc.shape[0] > 500
+    assert ((qc == PATCH_COLOUR).all(axis=-1).sum() > 100) and ((qc == TISSUE_COLOUR).all(axis=-1).sum() > 100)
+    assert slide_params_hash(slide, make_cfg(codec="jpeg")) == res.params_hash
     with h5py.File(tmp_path / "cmu.h5") as f:
         for key in ("format_version", "slide_id", "source_path", "source_size", "source_mtime", "vendor", "mpp",
                     "mpp_source", "target_mpp", "achieved_mpp", "read_level", "read_downsample", "patch_size",

@@ -92,8 +92,9 @@ def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None) 
 
 
 def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int) -> list[np.ndarray]:
-    """Split sorted kept columns into runs read as one region: break at gaps wider than one patch
-    or when the region would exceed ``max_width`` pixels."""
+    """Split sorted kept columns into runs read as one region: break wherever the next cell does not
+    touch or overlap the previous one (reading a gap costs as much as reading a patch: OpenSlide's
+    per-call overhead is small, its per-pixel cost is not) or the region would exceed ``max_width``."""
     runs, start = [], 0
     for i in range(1, len(cols) + 1):
         if i == len(cols):
@@ -101,7 +102,7 @@ def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int)
             break
         gap = x_level[cols[i]] - (x_level[cols[i - 1]] + read_size)
         width = x_level[cols[i]] + read_size - x_level[cols[start]]
-        if gap > read_size or width > max_width:
+        if gap > 0 or width > max_width:
             runs.append(cols[start:i])
             start = i
     return runs

@@ -169,7 +169,10 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
                 _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, progress, slide_id)
                 seconds_patches = time.perf_counter() - t1
                 coords = writer.coords[:]  # read back: nothing per patch is kept in memory while tiling
-                if writer.n == 0:
+                if grid.n_cols == 0 or grid.n_rows == 0:
+                    warnings.append(f"no patches: the slide ({w0}x{h0} px) is smaller than one patch "
+                                    f"({geom.patch_size_level0:.1f} level-0 px at {pc.target_mpp:g} um/px)")
+                elif writer.n == 0:
                     warnings.append("no patches: no grid cell passed the tissue and background filters")
                 attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
                                     {"tissue": seconds_tissue, "patches": seconds_patches,

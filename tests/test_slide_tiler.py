@@ -282,3 +282,9 @@ def test_patch_stage_memory_does_not_grow_with_slide_size(tmp_path, monkeypatch)
         counts.append(tile_slide(slide, tmp_path / f"{name}.h5", make_cfg(codec="raw")).n_patches)
     assert counts[1] > 3 * counts[0] and counts[1] - counts[0] > 20
     assert peaks[1] < peaks[0] + 300e3, (peaks, counts)  # 20 extra patches kept would be 3 MB
+
+
+def test_slide_smaller_than_a_patch(tmp_path):
+    res = tile_slide(shared_path("wsi", "openslide-fixtures", "small.svs"), tmp_path / "s.h5", make_cfg())
+    assert res.n_patches == 0 and "smaller than one patch" in res.warnings[0]
+    assert len(PatchFile(tmp_path / "s.h5")) == 0

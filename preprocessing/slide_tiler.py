@@ -291,6 +291,7 @@ def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: Patch
         "codec": cfg.output.codec, "jpeg_quality": cfg.output.jpeg_quality if cfg.output.codec == "jpeg" else 0,
         "tissue_params": asdict(cfg.tissue), "tissue_threshold": tissue.threshold,
         "tissue_area_mm2": tissue.area_mm2, "tissue_mask_mpp": tissue.mpp,
+        "pen_area_mm2": tissue.pen_pixels * tissue.mpp ** 2 / 1e6,
         "n_patches": int(n), "n_candidates": stats["n_candidates"], "n_background_dropped": stats["n_background"],
         "n_region_reads": stats["n_reads"],
         "params_hash": params_hash(cfg, reader.name, mpp.value), "tiler_version": TILER_VERSION,

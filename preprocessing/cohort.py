@@ -364,12 +364,12 @@ def merge_manifests(out_dir: Path) -> pd.DataFrame:
             continue
     if not frames:
         return pd.DataFrame(columns=MANIFEST_COLUMNS)
-    table = pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True).reindex(columns=MANIFEST_COLUMNS)
     busy = table["warning"].fillna("").str.startswith(BUSY_PREFIX)
     has_real = table.loc[~busy, "slide_id"].unique()
     table = table[~(busy & table["slide_id"].isin(has_real))]
     table = table.sort_values(["finished_utc"], kind="stable").drop_duplicates("slide_id", keep="last")
-    return table.sort_values("slide_id", kind="stable").reset_index(drop=True)[MANIFEST_COLUMNS]
+    return table.sort_values("slide_id", kind="stable").reset_index(drop=True)
 
 
 def finalize(out_dir: Path, timeout: float = 120.0) -> pd.DataFrame:

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None) -> tuple[TileConfig, argparse.Namespace]:
     """Command line -> ``TileConfig`` (defaults <- --config <- key=value overrides <- flags)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     inputs, overrides = [], []
     for item in args.items:
         (overrides if _OVERRIDE.match(item) and not Path(item).exists() else inputs).append(item)

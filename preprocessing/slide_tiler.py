@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
 from .tissue import background_fraction, detect_tissue
 
 TILER_VERSION = 1             # bump when a code change alters the output for the same parameters
-MAX_BAND_PIXELS = 1 << 23     # pixels per region read (≈ 32 MB RGBA): bounds peak memory
+MAX_BAND_PIXELS = 1 << 21     # pixels per region read (≈ 8 MB RGBA): bounds peak memory
 WRITE_BATCH = 256             # patches per append to the HDF5 file
 QC_THUMBNAIL = 1024           # longer side of the QC picture, px
 
@@ -181,59 +182,78 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
 def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.ndarray, keep: np.ndarray,
                     cfg: TileConfig, writer: PatchWriter, stats: dict, out_coords: list, progress: bool,
                     slide_id: str) -> None:
-    tc, r, L = cfg.tissue, geom.read_size, geom.read_level
+    tc, r, L, P = cfg.tissue, geom.read_size, geom.read_level, geom.patch_size
     max_width = max(r, MAX_BAND_PIXELS // r)
     rows = np.nonzero(keep.any(axis=1))[0]
-    buf_imgs: list[np.ndarray] = []
-    buf_coords: list[tuple[int, int]] = []
-    buf_grid: list[tuple[int, int]] = []
-    buf_frac: list[float] = []
+    # Two batch buffers: while a writer thread checks/encodes/appends one (numpy, cv2 and h5py release
+    # the GIL), this thread reads bands into the other. Memory: 2 batches + 1 band, whatever the slide.
+    buffers = [(np.empty((WRITE_BATCH, P, P, 3), np.uint8), np.empty((WRITE_BATCH, 5), np.float64)) for _ in range(2)]
+    pending: list[Future | None] = [None, None]
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-writer")
+    cur, n = 0, 0
+    batch, meta = buffers[cur]
+
+    def write(imgs: np.ndarray, m: np.ndarray) -> None:
+        ok = background_fraction(imgs, tc.white_threshold, tc.black_threshold) <= tc.max_background_fraction
+        stats["n_background"] += int(len(imgs) - ok.sum())
+        if ok.any():
+            m = m[ok]
+            c = m[:, :2].astype(np.int64)
+            writer.append(imgs[ok], c, m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
+            out_coords.append(c)
 
     def flush() -> None:
-        if not buf_imgs:
+        nonlocal n, cur, batch, meta
+        if n == 0:
             return
-        imgs = np.stack(buf_imgs)
-        bg = background_fraction(imgs, tc.white_threshold, tc.black_threshold)
-        ok = bg <= tc.max_background_fraction
-        stats["n_background"] += int((~ok).sum())
-        if ok.any():
-            c = np.asarray(buf_coords, np.int64)[ok]
-            writer.append(imgs[ok], c, np.asarray(buf_grid, np.int32)[ok], np.asarray(buf_frac, np.float32)[ok])
-            out_coords.append(c)
-        buf_imgs.clear(), buf_coords.clear(), buf_grid.clear(), buf_frac.clear()
+        pending[cur] = pool.submit(write, batch[:n], meta[:n])
+        cur, n = 1 - cur, 0
+        if pending[cur] is not None:
+            pending[cur].result()  # the other buffer must be written before it is refilled
+            pending[cur] = None
+        batch, meta = buffers[cur]
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=int(keep.sum()), desc=f"tile {slide_id}", unit="patch", leave=False)
-    for j in rows:
-        cols = np.nonzero(keep[j])[0]
-        y_l, y0 = int(grid.y_level[j]), int(grid.y0[j])
-        for run in _runs(cols, grid.x_level, r, max_width):
-            bx = int(grid.x_level[run[0]])
-            width = int(grid.x_level[run[-1]]) + r - bx
-            try:
-                band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r)
-            except SlideReadError as exc:
-                raise SlideError(
-                    f"{exc} (grid row {j}). The slide file is corrupt or truncated: copy it again or re-export it; "
-                    "the rest of the cohort is not affected"
-                ) from exc
-            stats["n_reads"] += 1
-            for c in run:
-                ox = int(grid.x_level[c]) - bx
-                buf_imgs.append(resize_patch(np.ascontiguousarray(band[:, ox:ox + r]), geom.patch_size))
-                buf_coords.append((int(grid.x0[c]), y0))
-                buf_grid.append((int(c), int(j)))
-                buf_frac.append(float(frac[j, c]))
-            if bar is not None:
-                bar.update(len(run))
-            if len(buf_imgs) >= WRITE_BATCH:
-                flush()
-    flush()
-    if bar is not None:
-        bar.close()
+    try:
+        for j in rows:
+            cols = np.nonzero(keep[j])[0]
+            y0 = int(grid.y0[j])
+            for run in _runs(cols, grid.x_level, r, max_width):
+                bx = int(grid.x_level[run[0]])
+                width = int(grid.x_level[run[-1]]) + r - bx
+                try:
+                    band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r)
+                except SlideReadError as exc:
+                    raise SlideError(
+                        f"{exc} (grid row {j}). The slide file is corrupt or truncated: copy it again or re-export it; "
+                        "the rest of the cohort is not affected"
+                    ) from exc
+                stats["n_reads"] += 1
+                for c in run:
+                    ox = int(grid.x_level[c]) - bx
+                    window = band[:, ox:ox + r]
+                    if geom.resize:
+                        batch[n] = resize_patch(window, P)
+                    else:
+                        batch[n] = window
+                    meta[n] = (grid.x0[c], y0, c, j, frac[j, c])
+                    n += 1
+                    if n == WRITE_BATCH:
+                        flush()
+                if bar is not None:
+                    bar.update(len(run))
+        flush()
+        for f in pending:
+            if f is not None:
+                f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
 
 
 def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: PatchGeometry, cfg: TileConfig,

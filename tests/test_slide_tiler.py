@@ -242,3 +242,13 @@ def test_generic_tiff_fixture_needs_override(tmp_path):
     res = tile_slide(slide, tmp_path / "b.h5", make_cfg(patch_size=32, target_mpp=1.0, min_area_mm2=0.0),
                      mpp_override=0.5)
     assert res.mpp_source == "csv" and res.read_level == 1 and PatchFile(tmp_path / "b.h5").attrs["read_size"] == 32
+
+
+def test_read_many_any_order_with_repeats(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1536, 2048, mpp=0.5)
+    tile_slide(slide, tmp_path / "s.h5", make_cfg(codec="raw"))
+    pf = PatchFile(tmp_path / "s.h5")
+    idx = [5, 0, 5, len(pf) - 1, 3, 4, 2]
+    got = pf.read_many(idx)
+    for k, i in enumerate(idx):
+        np.testing.assert_array_equal(got[k], pf.read(i))

@@ -36,8 +36,8 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     if rgba.shape[2] == 2:  # grey + alpha
         rgba = np.concatenate([np.repeat(rgba[..., :1], 3, axis=2), rgba[..., 1:]], axis=2)
     rgb, alpha = rgba[..., :3], rgba[..., 3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+    if cv2.minMaxLoc(alpha)[0] == 255:
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     a = alpha.astype(np.uint16)[..., None]
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)

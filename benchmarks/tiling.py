@@ -109,9 +109,13 @@ class Mosaic:
 def build_slide(path: Path, side: int, mosaic: Mosaic) -> dict:
     from preprocessing.pyramid_writer import write_pyramidal_tiff_tiled
 
-    assert side % (CELL) == 0 or side % (TILE << (N_LEVELS - 1)) == 0, side
     t0 = time.perf_counter()
-    write_pyramidal_tiff_tiled(path, (side, side), mosaic.tile, mpp=MPP, tile=TILE, n_levels=N_LEVELS, quality=90)
+    if path.exists():  # a --workdir of an earlier run: reuse its slide (same generator, same content)
+        return {"path": str(path), "side_px": side, "mpp": MPP, "bytes": path.stat().st_size, "build_seconds": 0.0,
+                "reused": True}
+    tmp = path.with_name(f".{path.name}.partial")
+    write_pyramidal_tiff_tiled(tmp, (side, side), mosaic.tile, mpp=MPP, tile=TILE, n_levels=N_LEVELS, quality=90)
+    os.replace(tmp, path)
     return {"path": str(path), "side_px": side, "mpp": MPP, "bytes": path.stat().st_size,
             "build_seconds": round(time.perf_counter() - t0, 1)}
 

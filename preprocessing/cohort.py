@@ -437,6 +437,20 @@ class CohortSummary:
         return "\n".join(lines)
 
 
+def _exit_on_sigterm():
+    """SIGTERM (a cluster job's time limit, ``kill``) -> SystemExit, so locks are released, children
+    stopped and the shard manifest written before the process ends. Returns the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress: bool = True,
                log: Callable[[str], None] = print) -> CohortSummary:
     """Tile every slide of ``cfg.inputs`` (or ``jobs``) in this run's shard; see the module docstring."""
@@ -477,6 +491,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
             write_manifest(shard_csv, rows.values())
             last_flush[0] = time.monotonic()
 
+    previous_term = _exit_on_sigterm()
     todo = []
     for job in mine:
         lock = FileLock(out_dir / "locks" / f"{job.slide_id}.lock")
@@ -500,6 +515,8 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
         if bar is not None:
             bar.close()
         write_manifest(shard_csv, rows.values())
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     finalize(out_dir)
     ordered = [rows[j.slide_id] for j in mine if j.slide_id in rows]
     return CohortSummary(ordered, time.perf_counter() - t0)

@@ -288,3 +288,20 @@ def test_merge_latest_row_wins_and_busy_never_hides_a_result(tmp_path):
     assert list(merged.index) == ["a", "b", "c"]
     assert merged.loc["a", "status"] == "done" and merged.loc["a", "n_patches"] == 7
     assert merged.loc["b", "status"] == "done" and merged.loc["c", "status"] == "skipped"
+
+
+def test_sigterm_releases_locks_and_writes_manifest(slides, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "preprocessing.tile", str(slides), "--out", str(out), "-q",
+                             "--codec", "raw", "--no-qc"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None and not list((out / "patches").glob("*.h5")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not list((out / "locks").glob("s*.lock"))  # released, not left for a stale-lock check
+    done = sorted(p.stem for p in (out / "patches").glob("*.h5"))
+    manifest = pd.read_csv(out / "manifest.shard-0-of-1.csv")
+    assert 1 <= len(done) < N_SLIDES and sorted(manifest.loc[manifest["status"] == "done", "slide_id"]) == done

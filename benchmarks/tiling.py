@@ -12,7 +12,8 @@
    - ``floor``: OpenSlide ``read_region`` per patch of that grid, to an RGB array, no tissue logic, no writing;
    - ``tiatoolbox``: TIAToolbox's ``PointsPatchExtractor`` on that grid, in the TIAToolbox venv
      (``--tia-python``, built by ``.ci/tia_venv.sh``); when it cannot run, the output says why;
-   - ``ours_2workers``: ``sgcl tile --workers 2`` over two copies of the slide;
+   - ``cohort_1worker`` / ``cohort_2workers``: the whole ``sgcl tile`` command over two copies of the slide;
+   - ``ours_1proc_raw``: as ``ours_1proc`` with codec ``raw`` (no JPEG encoding);
    - peak RSS of the tiler on the large and on the 4× smaller slide.
 Targets: ours_1proc ≥ 0.8× floor, ≥ 2× TIAToolbox; peak memory independent of slide size.
 The machine in CI has 2 shared CPU cores: figures are indicative.
@@ -133,6 +134,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def child_tile(slide: str, out_h5: str, codec: str) -> dict:
     from preprocessing.config import TileConfig
     from preprocessing.h5format import PatchFile
@@ -141,13 +147,13 @@ def child_tile(slide: str, out_h5: str, codec: str) -> dict:
     cfg = TileConfig()
     cfg.output.codec = codec
     baseline = _rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     result = tile_slide(Path(slide), Path(out_h5), cfg)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     with PatchFile(out_h5) as pf:
         np.save(Path(out_h5).with_suffix(".coords.npy"), pf.coords())
         read_size, level = int(pf.attrs["read_size"]), int(pf.attrs["read_level"])
-    return {"n": result.n_patches, "seconds": seconds, "patches_per_s": result.n_patches / seconds,
+    return {"n": result.n_patches, "seconds": seconds, "cpu_seconds": cpu, "patches_per_s": result.n_patches / seconds,
             "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": baseline, "read_size": read_size, "read_level": level,
             "tissue_area_mm2": result.tissue_area_mm2}
 
@@ -158,7 +164,7 @@ def child_floor(slide: str, coords_npy: str, size: int, ours_h5: str) -> dict:
     from preprocessing.h5format import PatchFile
 
     coords = np.load(coords_npy)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     s = openslide.OpenSlide(slide)
     checksum, first = 0, []
     for i, (x, y) in enumerate(coords):
@@ -166,11 +172,12 @@ def child_floor(slide: str, coords_npy: str, size: int, ours_h5: str) -> dict:
         if i < CHECK_N:
             checksum += int(patch.astype(np.int64).sum())
             first.append(patch.copy())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     with PatchFile(ours_h5) as pf:  # our stored patches vs the floor's reads (JPEG tolerance)
         ours = pf.read_many(range(min(CHECK_N, len(pf))))
     diff = float(np.abs(ours.astype(np.int16) - np.stack(first).astype(np.int16)).mean()) if first else 0.0
-    return {"n": int(len(coords)), "seconds": seconds, "patches_per_s": len(coords) / seconds, "checksum": checksum,
+    return {"n": int(len(coords)), "seconds": seconds, "cpu_seconds": cpu, "patches_per_s": len(coords) / seconds,
+            "checksum": checksum,
             "ours_vs_floor_mean_abs_diff": diff, "peak_rss_mb": _rss_mb()}
 
 
@@ -210,27 +217,28 @@ def run_tiatoolbox(tia_python: str | None, slide: Path, coords_npy: Path, size: 
     return res
 
 
-def run_two_workers(slide: Path, workdir: Path, codec: str, timeout: float) -> dict:
+def run_cohort_cli(slide: Path, workdir: Path, codec: str, workers: int, timeout: float) -> dict:
+    """``sgcl tile --workers N`` over two copies of ``slide`` (wall time of the whole command)."""
     folder = workdir / "two_copies"
     folder.mkdir(exist_ok=True)
     for name in ("copy_a.tiff", "copy_b.tiff"):
         link = folder / name
         if not link.exists():
             link.symlink_to(slide)
-    out = workdir / "two_workers_out"
+    out = workdir / f"cohort_workers{workers}"
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "preprocessing.tile", str(folder), "--out", str(out), "--workers", "2",
+    proc = subprocess.run([sys.executable, "-m", "preprocessing.tile", str(folder), "--out", str(out), "--workers", str(workers),
                            "--no-qc", "-q", "--codec", codec], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=timeout)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"sgcl tile --workers 2 failed: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
+        raise RuntimeError(f"sgcl tile --workers {workers} failed: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
     import pandas as pd
 
     n = int(pd.read_csv(out / "manifest.csv")["n_patches"].sum())
-    return {"n": n, "seconds": seconds, "patches_per_s": n / seconds, "slides": 2}
+    return {"n": n, "seconds": seconds, "patches_per_s": n / seconds, "slides": 2, "workers": workers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "tiling", "note": "slides are DERIVED: mosaics of the real shared slides (CMU-1 SVS, TCGA "
         "JPEG-2000 SVS, shared H&E images) built at benchmark time; figures are indicative (shared CPU)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "codec": args.codec, "target_mpp": 0.5, "patch_size": 224,
+        "codec": args.codec, "target_mpp": 0.5, "patch_size": 224, "load_average_start": os.getloadavg(),
     }
     try:
         print(f"building derived slides in {workdir} ...", flush=True)
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         results["ours_1proc"] = ours
         print(f"ours, 1 process: {ours['n']} patches in {ours['seconds']:.1f} s = {ours['patches_per_s']:.0f} patches/s, "
               f"peak RSS {ours['peak_rss_mb']:.0f} MB", flush=True)
+        raw = _run_child(["tile", large["path"], str(workdir / "ours_large_raw.h5"), "raw"], timeout)
+        results["ours_1proc_raw"] = raw
+        print(f"ours, 1 process, codec raw (no encoding): {raw['patches_per_s']:.0f} patches/s", flush=True)
         coords_npy = h5.with_suffix(".coords.npy")
         floor = _run_child(["floor", large["path"], str(coords_npy), str(ours["read_size"]), str(h5)], timeout)
         results["floor_openslide"] = floor
@@ -293,16 +304,22 @@ def main(argv: list[str] | None = None) -> int:
         results["tiatoolbox"] = tia
         print(f"TIAToolbox PointsPatchExtractor: " + (f"{tia['patches_per_s']:.0f} patches/s"
               if tia.get("status") == "ok" else f"{tia['status']}: {tia['reason']}"), flush=True)
-        two = run_two_workers(Path(large["path"]), workdir, args.codec, timeout)
-        results["ours_2workers"] = two
-        print(f"ours, 2 workers (2 copies): {two['patches_per_s']:.0f} patches/s", flush=True)
+        one = run_cohort_cli(Path(large["path"]), workdir, args.codec, 1, timeout)
+        two = run_cohort_cli(Path(large["path"]), workdir, args.codec, 2, timeout)
+        results["cohort_1worker"], results["cohort_2workers"] = one, two
+        print(f"sgcl tile on 2 copies: --workers 1 {one['patches_per_s']:.0f} patches/s, "
+              f"--workers 2 {two['patches_per_s']:.0f} patches/s", flush=True)
         small_res = _run_child(["tile", small["path"], str(workdir / "ours_small.h5"), args.codec], timeout)
         results["ours_1proc_small"] = small_res
 
+        results["load_average_end"] = os.getloadavg()
         ratios = {
             "ours_vs_floor": ours["patches_per_s"] / floor["patches_per_s"],
-            "ours_2workers_vs_1proc": two["patches_per_s"] / ours["patches_per_s"],
+            "ours_raw_vs_floor": raw["patches_per_s"] / floor["patches_per_s"],
+            "cohort_2workers_vs_1worker": two["patches_per_s"] / one["patches_per_s"],
             "peak_rss_large_vs_small": ours["peak_rss_mb"] / small_res["peak_rss_mb"],
+            "peak_rss_above_imports_large_vs_small": (ours["peak_rss_mb"] - ours["rss_after_imports_mb"])
+            / max(1.0, small_res["peak_rss_mb"] - small_res["rss_after_imports_mb"]),
         }
         if tia.get("status") == "ok":
             ratios["ours_vs_tiatoolbox"] = ours["patches_per_s"] / tia["patches_per_s"]
@@ -312,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             "ours_vs_tiatoolbox >= 2": ratios.get("ours_vs_tiatoolbox", float("nan")) >= 2 if tia.get("status") == "ok" else None,
             "peak memory independent of slide size (large/small <= 1.25)": ratios["peak_rss_large_vs_small"] <= 1.25,
         }
-        print(f"peak RSS: large {ours['peak_rss_mb']:.0f} MB vs 4x smaller {small_res['peak_rss_mb']:.0f} MB", flush=True)
+        print(f"peak RSS: large {ours['peak_rss_mb']:.0f} MB vs 4x smaller {small_res['peak_rss_mb']:.0f} MB "
+              f"(after imports: {ours['rss_after_imports_mb']:.0f} / {small_res['rss_after_imports_mb']:.0f} MB)", flush=True)
         print(json.dumps({"ratios": ratios, "targets": results["targets"]}, indent=2))
     finally:
         if not args.keep and not args.workdir:

@@ -297,11 +297,13 @@ def test_sigterm_releases_locks_and_writes_manifest(slides, tmp_path):
                              "--codec", "raw", "--no-qc"], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None and not list((out / "patches").glob("*.h5")):
+    while time.monotonic() < deadline and proc.poll() is None and len(list((out / "patches").glob("*.h5"))) < 2:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert not list((out / "locks").glob("s*.lock"))  # released, not left for a stale-lock check
     done = sorted(p.stem for p in (out / "patches").glob("*.h5"))
     manifest = pd.read_csv(out / "manifest.shard-0-of-1.csv")
-    assert 1 <= len(done) < N_SLIDES and sorted(manifest.loc[manifest["status"] == "done", "slide_id"]) == done
+    recorded = set(manifest.loc[manifest["status"] == "done", "slide_id"])
+    # one slide at a time: the first slide's result was recorded before the second .h5 could appear
+    assert len(done) < N_SLIDES and "s0" in recorded and recorded <= set(done)

@@ -31,7 +31,7 @@ from .tissue import background_fraction, detect_tissue
 
 TILER_VERSION = 1             # bump when a code change alters the output for the same parameters
 MAX_BAND_PIXELS = 1 << 21     # pixels per region read (≈ 8 MB RGBA): bounds peak memory
-WRITE_BATCH = 256             # patches per append to the HDF5 file
+WRITE_BATCH = 128             # patches per append to the HDF5 file (2 batches in flight)
 QC_THUMBNAIL = 1024           # longer side of the QC picture, px
 
 
@@ -73,6 +73,22 @@ def params_hash(cfg: TileConfig, reader: str, mpp: float) -> str:
         "patch": asdict(cfg.patch), "tissue": asdict(cfg.tissue), "output": codec,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None) -> str:
+    """The ``params_hash`` that ``tile_slide`` would record for ``path`` (opens the header only, reads no
+    pixels): a cohort runner compares it with an existing file's attr to decide skip vs redo.
+    Raises :class:`SlideError` like ``tile_slide`` for unopenable slides or a missing µm/px."""
+    path = Path(path)
+    reader = _open(path, cfg)
+    try:
+        try:
+            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
+        except MppError as exc:
+            raise SlideError(str(exc)) from exc
+        return params_hash(cfg, reader.name, mpp.value)
+    finally:
+        reader.close()
 
 
 def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int) -> list[np.ndarray]:
@@ -145,14 +161,13 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
         # -- patches --------------------------------------------------------------------
         t1 = time.perf_counter()
         stats = {"n_candidates": int(keep.sum()), "n_background": 0, "n_reads": 0}
-        out_coords: list[np.ndarray] = []
         with atomic_path(out_h5) as tmp:
             writer = PatchWriter(tmp, pc.patch_size, codec=cfg.output.codec, quality=cfg.output.jpeg_quality,
                                  gzip_level=cfg.output.gzip_level)
             try:
-                _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, out_coords, progress, slide_id)
+                _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, progress, slide_id)
                 seconds_patches = time.perf_counter() - t1
-                coords = np.concatenate(out_coords) if out_coords else np.zeros((0, 2), np.int64)
+                coords = writer.coords[:]  # read back: nothing per patch is kept in memory while tiling
                 if writer.n == 0:
                     warnings.append("no patches: no grid cell passed the tissue and background filters")
                 attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
@@ -180,7 +195,7 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
 
 
 def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.ndarray, keep: np.ndarray,
-                    cfg: TileConfig, writer: PatchWriter, stats: dict, out_coords: list, progress: bool,
+                    cfg: TileConfig, writer: PatchWriter, stats: dict, progress: bool,
                     slide_id: str) -> None:
     tc, r, L, P = cfg.tissue, geom.read_size, geom.read_level, geom.patch_size
     max_width = max(r, MAX_BAND_PIXELS // r)
@@ -196,11 +211,11 @@ def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.nda
     def write(imgs: np.ndarray, m: np.ndarray) -> None:
         ok = background_fraction(imgs, tc.white_threshold, tc.black_threshold) <= tc.max_background_fraction
         stats["n_background"] += int(len(imgs) - ok.sum())
-        if ok.any():
+        if ok.all():  # the usual case: no copy of the batch
+            writer.append(imgs, m[:, :2].astype(np.int64), m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
+        elif ok.any():
             m = m[ok]
-            c = m[:, :2].astype(np.int64)
-            writer.append(imgs[ok], c, m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
-            out_coords.append(c)
+            writer.append(imgs[ok], m[:, :2].astype(np.int64), m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
 
     def flush() -> None:
         nonlocal n, cur, batch, meta

@@ -16,6 +16,7 @@ shard file present into ``<out>/manifest.csv`` (latest row per slide wins) and r
 from __future__ import annotations
 
 import ctypes
+import json
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -195,9 +196,7 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
     """Manifest values of a finished patch file made with the current parameters, else ``None``."""
     import h5py
 
-    from .mpp import resolve_mpp
-    from .readers import open_slide
-    from .slide_tiler import params_hash
+    from .slide_tiler import slide_params_hash
 
     try:
         with h5py.File(h5, "r") as f:
@@ -208,20 +207,11 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
     if int(attrs.get("source_size", -1)) != st.st_size or abs(float(attrs.get("source_mtime", 0)) - st.st_mtime) > 1e-3:
         return None  # the slide file changed
     try:
-        reader = open_slide(job.path, cfg.reader)
-    except Exception:
-        return None  # let the tiler report the problem
-    try:
-        mpp = resolve_mpp(job.path, reader.properties, job.mpp, cfg.assume_mpp)
-        expected = params_hash(cfg, reader.name, mpp.value)
-    except Exception:
+        expected = slide_params_hash(job.path, cfg, job.mpp)
+    except Exception:  # noqa: BLE001 - let the tiler report the problem
         return None
-    finally:
-        reader.close()
     if attrs.get("params_hash") != expected:
         return None
-    import json
-
     try:
         warnings = json.loads(attrs.get("warnings", "[]"))
     except ValueError:

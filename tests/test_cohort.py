@@ -307,3 +307,18 @@ def test_sigterm_releases_locks_and_writes_manifest(slides, tmp_path):
     recorded = set(manifest.loc[manifest["status"] == "done", "slide_id"])
     # one slide at a time: the first slide's result was recorded before the second .h5 could appear
     assert len(done) < N_SLIDES and "s0" in recorded and recorded <= set(done)
+
+
+def test_changed_slide_file_is_redone_and_moved_folder_resumes(slides, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        shutil.copy2(slides / f"s{i}.tiff", folder / f"s{i}.tiff")
+    out = tmp_path / "out"
+    assert run_cohort(make_cfg([folder], out), progress=False, log=lambda s: None).count("done") == 2
+    st = (folder / "s1.tiff").stat()
+    os.utime(folder / "s1.tiff", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # re-exported slide
+    moved = tmp_path / "moved"
+    folder.rename(moved)  # same files elsewhere: still recognised as done
+    summary = run_cohort(make_cfg([moved], out), progress=False, log=lambda s: None)
+    assert {r["slide_id"]: r["status"] for r in summary.rows} == {"s0": "skipped", "s1": "done"}

@@ -15,6 +15,7 @@ shard file present into ``<out>/manifest.csv`` (latest row per slide wins) and r
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -24,11 +25,10 @@ import signal
 import sys
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
@@ -290,23 +290,31 @@ def _exit_reason(code: int | None) -> str:
     return f"worker process exited with code {code} without a result"
 
 
-def run_isolated(items: Sequence, fn: Callable, workers: int, on_result: Callable[[object, object], None],
+def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callable[[object, object], None],
                  on_crash: Callable[[object, str], object]) -> None:
     """Run ``fn(*args)`` for each ``(key, args)`` in ``items``, at most ``workers`` child processes at a
-    time, one fresh process per item. ``on_result(key, result)`` is called in the parent as results
-    arrive; a child that dies without a result gets ``on_result(key, on_crash(key, reason))``."""
+    time, one fresh process per item. ``items`` is consumed lazily (an item is drawn only when a
+    process slot is free). ``on_result(key, result)`` is called in the parent as results arrive; a
+    child that dies without a result gets ``on_result(key, on_crash(key, reason))``."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pending = deque(items)
+    pending = iter(items)
+    exhausted = False
     running: dict = {}
     try:
-        while pending or running:
-            while pending and len(running) < max(1, workers):
-                key, args = pending.popleft()
+        while not exhausted or running:
+            while not exhausted and len(running) < max(1, workers):
+                item = next(pending, None)
+                if item is None:
+                    exhausted = True
+                    break
+                key, args = item
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_child, args=(fn, args, send, os.getpid()), daemon=True)
                 proc.start()
                 send.close()
                 running[recv] = (proc, key)
+            if not running:
+                continue
             for conn in mp.connection.wait(list(running)):
                 proc, key = running.pop(conn)
                 try:
@@ -332,41 +340,25 @@ def shard_manifest_path(out_dir: Path, index: int, count: int) -> Path:
     return out_dir / f"manifest.shard-{index}-of-{count}.csv"
 
 
-def write_manifest(path: Path, rows: Iterable[dict]) -> None:
-    table = pd.DataFrame(list(rows), columns=MANIFEST_COLUMNS)
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-
-
 def read_manifest(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"slide_id": str, "path": str, "status": str, "warning": str, "error": str},
-                       keep_default_na=True)
+    return pd.read_csv(path, dtype={"slide_id": str, "path": str, "status": str, "warning": str, "error": str})
 
 
-def merge_manifests(out_dir: Path) -> pd.DataFrame:
-    """All ``manifest.shard-*.csv`` in ``out_dir`` -> one row per slide, the latest wins; a ``busy`` skip
-    (another process had the slide) never hides a real result for that slide."""
-    frames = []
-    for path in sorted(out_dir.glob("manifest.shard-*-of-*.csv")):
-        try:
-            frames.append(read_manifest(path))
-        except (OSError, ValueError, pd.errors.EmptyDataError):
-            continue
-    if not frames:
-        return pd.DataFrame(columns=MANIFEST_COLUMNS)
-    table = pd.concat(frames, ignore_index=True).reindex(columns=MANIFEST_COLUMNS)
-    busy = table["warning"].fillna("").str.startswith(BUSY_PREFIX)
+def latest_per_slide(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per slide, the latest (``finished_utc``) wins; a ``busy`` skip (another process had the
+    slide) never hides a real result for that slide."""
+    table = table.reindex(columns=MANIFEST_COLUMNS)
+    busy = table["warning"].fillna("").astype(str).str.startswith(BUSY_PREFIX)
     has_real = table.loc[~busy, "slide_id"].unique()
     table = table[~(busy & table["slide_id"].isin(has_real))]
     table = table.sort_values(["finished_utc"], kind="stable").drop_duplicates("slide_id", keep="last")
     return table.sort_values("slide_id", kind="stable").reset_index(drop=True)
 
 
-def finalize(out_dir: Path, timeout: float = 120.0) -> pd.DataFrame:
-    """Merge the shard manifests into ``manifest.csv`` and render ``index.html`` (under a lock, so
-    shards finishing together do not lose each other's rows)."""
-    from .report import write_report
-
+@contextlib.contextmanager
+def manifest_lock(out_dir: Path, timeout: float = 120.0) -> Iterator[None]:
+    """Serialise manifest updates of processes sharing ``out_dir`` (shards finishing together, or two
+    runs of the same shard)."""
     lock = FileLock(out_dir / "locks" / "manifest.lock", stale_after=600)
     deadline = time.monotonic() + timeout
     while True:
@@ -376,14 +368,49 @@ def finalize(out_dir: Path, timeout: float = 120.0) -> pd.DataFrame:
         except LockBusy:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+            time.sleep(0.05)
     try:
+        yield
+    finally:
+        lock.release()
+
+
+def update_manifest(path: Path, rows: Iterable[dict]) -> None:
+    """Merge ``rows`` into the manifest CSV at ``path`` (rows already there for other slides stay) and
+    write it atomically; call under :func:`manifest_lock`."""
+    table = pd.DataFrame(list(rows), columns=MANIFEST_COLUMNS)
+    if path.exists():
+        try:
+            table = pd.concat([read_manifest(path), table], ignore_index=True)
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            pass
+    table = latest_per_slide(table)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def merge_manifests(out_dir: Path) -> pd.DataFrame:
+    """All ``manifest.shard-*.csv`` in ``out_dir`` -> one row per slide (:func:`latest_per_slide`)."""
+    frames = []
+    for path in sorted(out_dir.glob("manifest.shard-*-of-*.csv")):
+        try:
+            frames.append(read_manifest(path))
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            continue
+    if not frames:
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return latest_per_slide(pd.concat(frames, ignore_index=True))
+
+
+def finalize(out_dir: Path) -> pd.DataFrame:
+    """Merge the shard manifests into ``manifest.csv`` and render ``index.html``."""
+    from .report import write_report
+
+    with manifest_lock(out_dir):
         table = merge_manifests(out_dir)
         with atomic_path(out_dir / "manifest.csv") as tmp:
             table.to_csv(tmp, index=False)
         write_report(out_dir, table)
-    finally:
-        lock.release()
     return table
 
 
@@ -478,33 +505,38 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
             bar.update(1)
             bar.set_postfix_str(f"{job.slide_id}: {row['status']}", refresh=False)
         if time.monotonic() - last_flush[0] > MANIFEST_FLUSH_SECONDS:
-            write_manifest(shard_csv, rows.values())
+            with manifest_lock(out_dir):
+                update_manifest(shard_csv, rows.values())
             last_flush[0] = time.monotonic()
 
+    def todo() -> Iterator[tuple[SlideJob, tuple]]:
+        """Slides whose lock this process takes, drawn just before each is started: a second process
+        on the same output folder skips only the slides being tiled right now and shares the rest."""
+        for job in mine:
+            lock = FileLock(out_dir / "locks" / f"{job.slide_id}.lock")
+            try:
+                lock.acquire()
+            except LockBusy as exc:
+                record(job, _row(job, "skipped", warning=f"{BUSY_PREFIX} {exc}"))
+                continue
+            locks[job.slide_id] = lock
+            yield job, (job, cfg, out_dir)
+
     previous_term = _exit_on_sigterm()
-    todo = []
-    for job in mine:
-        lock = FileLock(out_dir / "locks" / f"{job.slide_id}.lock")
-        try:
-            lock.acquire()
-        except LockBusy as exc:
-            record(job, _row(job, "skipped", warning=f"{BUSY_PREFIX} {exc}"))
-            continue
-        locks[job.slide_id] = lock
-        todo.append((job, (job, cfg, out_dir)))
     try:
         if cfg.workers == 0:  # in-process: no isolation, easiest to debug
-            for job, args in todo:
+            for job, args in todo():
                 record(job, process_slide(*args))
         else:
-            run_isolated(todo, process_slide, cfg.workers, record,
+            run_isolated(todo(), process_slide, cfg.workers, record,
                          lambda job, reason: _row(job, "failed", error=reason))
     finally:
         for lock in locks.values():
             lock.release()
         if bar is not None:
             bar.close()
-        write_manifest(shard_csv, rows.values())
+        with manifest_lock(out_dir):
+            update_manifest(shard_csv, rows.values())
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
     finalize(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -322,3 +323,35 @@ def test_changed_slide_file_is_redone_and_moved_folder_resumes(slides, tmp_path)
     folder.rename(moved)  # same files elsewhere: still recognised as done
     summary = run_cohort(make_cfg([moved], out), progress=False, log=lambda s: None)
     assert {r["slide_id"]: r["status"] for r in summary.rows} == {"s0": "skipped", "s1": "done"}
+
+
+def test_two_processes_on_one_output_folder_share_the_work(slides, reference, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "preprocessing.tile", str(slides), "--out", str(out), "-q", "--codec", "raw", "--no-qc"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    done = [int(re.search(r"(\d+) done", o).group(1)) for o, _ in outputs]
+    assert sum(done) == N_SLIDES  # every slide tiled by exactly one of the two processes
+    assert_same_outputs(reference, out)
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert sorted(manifest["slide_id"]) == [f"s{i}" for i in range(N_SLIDES)]
+    assert set(manifest["status"]) <= {"done", "skipped"}
+    assert not manifest["warning"].fillna("").str.startswith("busy:").any()  # busy rows never hide results
+
+
+@pytest.mark.timeout(30)
+def test_run_isolated_draws_items_lazily_and_ends():
+    drawn, results = [], {}
+
+    def items():
+        for k in ("a", "b", "c"):
+            drawn.append(k)
+            if k != "c":  # the last item is skipped by the producer (as a busy slide is)
+                yield k, (k,)
+
+    run_isolated(items(), _kill_self, 1, results.__setitem__, lambda key, reason: reason)
+    assert sorted(results) == ["a", "b"] and drawn == ["a", "b", "c"]
+    run_isolated(iter(()), _kill_self, 2, results.__setitem__, lambda key, reason: reason)  # nothing to do

@@ -92,8 +92,9 @@ def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None) 
 
 
 def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int) -> list[np.ndarray]:
-    """Split sorted kept columns into runs read as one region: break at gaps wider than one patch
-    or when the region would exceed ``max_width`` pixels."""
+    """Split sorted kept columns into runs read as one region: break wherever the next cell does not
+    touch or overlap the previous one (reading a gap costs as much as reading a patch: OpenSlide's
+    per-call overhead is small, its per-pixel cost is not) or the region would exceed ``max_width``."""
     runs, start = [], 0
     for i in range(1, len(cols) + 1):
         if i == len(cols):
@@ -101,7 +102,7 @@ def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int)
             break
         gap = x_level[cols[i]] - (x_level[cols[i - 1]] + read_size)
         width = x_level[cols[i]] + read_size - x_level[cols[start]]
-        if gap > read_size or width > max_width:
+        if gap > 0 or width > max_width:
             runs.append(cols[start:i])
             start = i
     return runs
@@ -168,7 +169,10 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
                 _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, progress, slide_id)
                 seconds_patches = time.perf_counter() - t1
                 coords = writer.coords[:]  # read back: nothing per patch is kept in memory while tiling
-                if writer.n == 0:
+                if grid.n_cols == 0 or grid.n_rows == 0:
+                    warnings.append(f"no patches: the slide ({w0}x{h0} px) is smaller than one patch "
+                                    f"({geom.patch_size_level0:.1f} level-0 px at {pc.target_mpp:g} um/px)")
+                elif writer.n == 0:
                     warnings.append("no patches: no grid cell passed the tissue and background filters")
                 attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
                                     {"tissue": seconds_tissue, "patches": seconds_patches,
@@ -287,6 +291,7 @@ def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: Patch
         "codec": cfg.output.codec, "jpeg_quality": cfg.output.jpeg_quality if cfg.output.codec == "jpeg" else 0,
         "tissue_params": asdict(cfg.tissue), "tissue_threshold": tissue.threshold,
         "tissue_area_mm2": tissue.area_mm2, "tissue_mask_mpp": tissue.mpp,
+        "pen_area_mm2": tissue.pen_pixels * tissue.mpp ** 2 / 1e6,
         "n_patches": int(n), "n_candidates": stats["n_candidates"], "n_background_dropped": stats["n_background"],
         "n_region_reads": stats["n_reads"],
         "params_hash": params_hash(cfg, reader.name, mpp.value), "tiler_version": TILER_VERSION,

@@ -282,3 +282,24 @@ def test_patch_stage_memory_does_not_grow_with_slide_size(tmp_path, monkeypatch)
         counts.append(tile_slide(slide, tmp_path / f"{name}.h5", make_cfg(codec="raw")).n_patches)
     assert counts[1] > 3 * counts[0] and counts[1] - counts[0] > 20
     assert peaks[1] < peaks[0] + 300e3, (peaks, counts)  # 20 extra patches kept would be 3 MB
+
+
+def test_slide_smaller_than_a_patch(tmp_path):
+    res = tile_slide(shared_path("wsi", "openslide-fixtures", "small.svs"), tmp_path / "s.h5", make_cfg())
+    assert res.n_patches == 0 and "smaller than one patch" in res.warnings[0]
+    assert len(PatchFile(tmp_path / "s.h5")) == 0
+
+
+def test_plain_png_through_image_reader(tmp_path):
+    from PIL import Image
+
+    from _tile_fixtures import synthetic_he
+
+    img = synthetic_he(1200, 1600)
+    path = tmp_path / "plain.png"
+    Image.fromarray(img).save(path, dpi=(25400 / 0.5, 25400 / 0.5))  # 0.5 µm/px
+    res = tile_slide(path, tmp_path / "plain.h5", make_cfg(codec="raw"))
+    pf = PatchFile(tmp_path / "plain.h5")
+    assert pf.attrs["reader"] == "image" and res.mpp_source == "header:tiff.XResolution" and res.n_patches > 5
+    for i, (x, y) in enumerate(pf.coords()):
+        np.testing.assert_array_equal(pf.read(i), img[y:y + 224, x:x + 224])

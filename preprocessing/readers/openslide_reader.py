@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +27,7 @@ def _fast_read_function():
 
 
 _FAST_READ = _fast_read_function()
+CACHE_MB = 128  # decoded-tile cache per open slide
 
 
 class OpenSlideReader(SlideReader):
@@ -40,9 +42,22 @@ class OpenSlideReader(SlideReader):
             self._slide = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
             raise SlideOpenError(f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})") from exc
+        self._set_cache()
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._ds = tuple(float(d) for d in self._slide.level_downsamples)
         self._props = dict(self._slide.properties)
+
+    def _set_cache(self) -> None:
+        """A tile cache that holds a whole tile row of a wide slide (OpenSlide's default, 32 MiB, does not
+        for slides wider than ~32k px, so every tile straddling two patch rows is decoded twice).
+        Bounded, so memory does not grow with slide size; ``SGCL_OPENSLIDE_CACHE_MB`` overrides it."""
+        if not hasattr(self._openslide, "OpenSlideCache"):
+            return
+        try:
+            mb = int(os.environ.get("SGCL_OPENSLIDE_CACHE_MB", CACHE_MB))
+            self._slide.set_cache(self._openslide.OpenSlideCache(mb << 20))
+        except (ValueError, self._openslide.OpenSlideError, AttributeError):
+            pass  # OpenSlide < 4.0: keep its default cache
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:

@@ -348,7 +348,7 @@ def latest_per_slide(table: pd.DataFrame) -> pd.DataFrame:
     """One row per slide, the latest (``finished_utc``) wins; a ``busy`` skip (another process had the
     slide) never hides a real result for that slide."""
     table = table.reindex(columns=MANIFEST_COLUMNS)
-    busy = table["warning"].fillna("").astype(str).str.startswith(BUSY_PREFIX)
+    busy = table["warning"].astype("string").fillna("").str.startswith(BUSY_PREFIX)
     has_real = table.loc[~busy, "slide_id"].unique()
     table = table[~(busy & table["slide_id"].isin(has_real))]
     table = table.sort_values(["finished_utc"], kind="stable").drop_duplicates("slide_id", keep="last")

@@ -47,11 +47,14 @@ def _text(value) -> str:
 
 def render_report(table: pd.DataFrame, out_dir: Path, title: str = "sgcl tile — cohort QC") -> str:
     """The HTML page for a merged manifest ``table`` whose relative links resolve from ``out_dir``."""
+    from .cohort import MANIFEST_COLUMNS
+
+    table = table.reindex(columns=list(dict.fromkeys([*MANIFEST_COLUMNS, *table.columns])))
     rows = table.to_dict("records")
     status = table["status"].value_counts().to_dict() if len(table) else {}
     n_patches = pd.to_numeric(table.get("n_patches"), errors="coerce").fillna(0) if len(table) else pd.Series([], dtype=float)
     ok = table["status"].isin(["done", "skipped"]) if len(table) else pd.Series([], dtype=bool)
-    zero = int(((n_patches == 0) & ok & ~table["warning"].fillna("").str.startswith("busy:")).sum()) if len(table) else 0
+    zero = int(((n_patches == 0) & ok & ~table["warning"].astype("string").fillna("").str.startswith("busy:")).sum()) if len(table) else 0
     area = pd.to_numeric(table.get("tissue_area_mm2"), errors="coerce").fillna(0)[ok].sum() if len(table) else 0.0
     totals = [
         ("slides", len(table)), ("done", status.get("done", 0)), ("skipped", status.get("skipped", 0)),

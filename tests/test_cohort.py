@@ -339,7 +339,7 @@ def test_two_processes_on_one_output_folder_share_the_work(slides, reference, tm
     manifest = pd.read_csv(out / "manifest.csv")
     assert sorted(manifest["slide_id"]) == [f"s{i}" for i in range(N_SLIDES)]
     assert set(manifest["status"]) <= {"done", "skipped"}
-    assert not manifest["warning"].fillna("").str.startswith("busy:").any()  # busy rows never hide results
+    assert not manifest["warning"].astype("string").fillna("").str.startswith("busy:").any()  # busy rows never hide results
 
 
 @pytest.mark.timeout(30)

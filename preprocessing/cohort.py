@@ -291,11 +291,12 @@ def _exit_reason(code: int | None) -> str:
 
 
 def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callable[[object, object], None],
-                 on_crash: Callable[[object, str], object]) -> None:
+                 on_crash: Callable[[object, str], object], timeout: float | None = None) -> None:
     """Run ``fn(*args)`` for each ``(key, args)`` in ``items``, at most ``workers`` child processes at a
     time, one fresh process per item. ``items`` is consumed lazily (an item is drawn only when a
     process slot is free). ``on_result(key, result)`` is called in the parent as results arrive; a
-    child that dies without a result gets ``on_result(key, on_crash(key, reason))``."""
+    child that dies without a result, or runs longer than ``timeout`` seconds (it is then killed), gets
+    ``on_result(key, on_crash(key, reason))``."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pending = iter(items)
     exhausted = False
@@ -312,11 +313,26 @@ def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callabl
                 proc = ctx.Process(target=_child, args=(fn, args, send, os.getpid()), daemon=True)
                 proc.start()
                 send.close()
-                running[recv] = (proc, key)
+                running[recv] = (proc, key, time.monotonic())
             if not running:
                 continue
-            for conn in mp.connection.wait(list(running)):
-                proc, key = running.pop(conn)
+            wait_s = None
+            if timeout is not None:
+                oldest = min(started for _, _, started in running.values())
+                wait_s = max(0.0, oldest + timeout - time.monotonic())
+            ready = mp.connection.wait(list(running), timeout=wait_s)
+            if timeout is not None:
+                now = time.monotonic()
+                for conn, (proc, key, started) in list(running.items()):
+                    if conn not in ready and now - started >= timeout:
+                        proc.kill()
+                        proc.join()
+                        conn.close()
+                        del running[conn]
+                        on_result(key, on_crash(key, f"timed out: still running after {timeout:g} s "
+                                                     "(slide_timeout_s); the worker was killed"))
+            for conn in ready:
+                proc, key, _ = running.pop(conn)
                 try:
                     result = conn.recv()
                 except (EOFError, OSError):
@@ -329,7 +345,7 @@ def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callabl
                     result = on_crash(key, result["__error__"])
                 on_result(key, result)
     finally:
-        for conn, (proc, _) in running.items():  # interrupted (Ctrl-C): stop the children
+        for conn, (proc, _, _) in running.items():  # interrupted (Ctrl-C): stop the children
             proc.kill()
             proc.join()
             conn.close()
@@ -529,7 +545,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
                 record(job, process_slide(*args))
         else:
             run_isolated(todo(), process_slide, cfg.workers, record,
-                         lambda job, reason: _row(job, "failed", error=reason))
+                         lambda job, reason: _row(job, "failed", error=reason), timeout=cfg.slide_timeout_s)
     finally:
         for lock in locks.values():
             lock.release()

@@ -27,7 +27,7 @@ FLAG_MAP = {
     "inputs": "inputs", "out": "out_dir", "target_mpp": "patch.target_mpp", "patch_size": "patch.patch_size",
     "stride": "patch.stride", "assume_mpp": "assume_mpp", "workers": "workers", "shard": "shard",
     "codec": "output.codec", "reader": "reader", "min_tissue": "tissue.min_tissue_fraction",
-    "overwrite": "overwrite", "recursive": "recursive", "qc": "output.qc",
+    "overwrite": "overwrite", "recursive": "recursive", "qc": "output.qc", "slide_timeout": "slide_timeout_s",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=["raw", "lzf", "gzip", "jpeg"], default=None, help="patch storage in the HDF5")
     p.add_argument("--reader", choices=["auto", "openslide", "image", "tiatoolbox"], default=None)
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a kept patch (default 0.5)")
+    p.add_argument("--slide-timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill a slide still running after this long and mark it failed (stalled reads)")
     p.add_argument("--recursive", "-r", action="store_true", default=None, help="search folders recursively")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo slides already done with the same parameters")
     p.add_argument("--no-qc", dest="qc", action="store_false", default=None, help="skip the per-slide QC PNGs")

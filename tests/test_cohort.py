@@ -209,6 +209,8 @@ def _kill_self(key):
         os.kill(os.getpid(), signal.SIGKILL)
     if key == "raise":
         raise MemoryError("boom")
+    if key == "stall":
+        time.sleep(60)
     return {"key": key, "pid": os.getpid()}
 
 
@@ -355,3 +357,14 @@ def test_run_isolated_draws_items_lazily_and_ends():
     run_isolated(items(), _kill_self, 1, results.__setitem__, lambda key, reason: reason)
     assert sorted(results) == ["a", "b"] and drawn == ["a", "b", "c"]
     run_isolated(iter(()), _kill_self, 2, results.__setitem__, lambda key, reason: reason)  # nothing to do
+
+
+@pytest.mark.timeout(30)
+def test_stalled_item_is_killed_after_the_timeout():
+    results = {}
+    t0 = time.monotonic()
+    run_isolated([(k, (k,)) for k in ("stall", "a", "b")], _kill_self, 2, results.__setitem__,
+                 lambda key, reason: {"failed": reason}, timeout=1.5)
+    assert time.monotonic() - t0 < 10
+    assert results["stall"]["failed"].startswith("timed out: still running after 1.5 s")
+    assert "pid" in results["a"] and "pid" in results["b"]

@@ -88,12 +88,13 @@ def test_assume_mpp_and_csv_priority(tmp_path):
 def test_config_file_overrides_and_flags(tmp_path):
     cfg, _ = parse_config(["a.svs", "b_dir", "--config", str(REPO / "configs/tile/20x_256.yaml"),
                            "tissue.pen_filter=false", "output.jpeg_quality=80", "--patch-size", "128",
-                           "--shard", "1/3", "--workers", "2", "--min-tissue", "0.3", "--out", str(tmp_path)])
+                           "--shard", "1/3", "--workers", "2", "--min-tissue", "0.3", "--out", str(tmp_path),
+                           "--slide-timeout", "600"])
     assert cfg.inputs == ["a.svs", "b_dir"] and cfg.out_dir == str(tmp_path)
     assert cfg.patch.patch_size == 128 and cfg.patch.target_mpp == 0.5  # flag beats the config file
     assert cfg.tissue.pen_filter is False and cfg.output.jpeg_quality == 80
     assert cfg.shard == "1/3" and cfg.workers == 2 and cfg.tissue.min_tissue_fraction == 0.3
-    assert cfg.overwrite is False and cfg.output.qc is True
+    assert cfg.overwrite is False and cfg.output.qc is True and cfg.slide_timeout_s == 600.0
     for preset in sorted((REPO / "configs" / "tile").glob("*.yaml")):
         parse_config(["x.svs", "--config", str(preset)])
 

@@ -225,6 +225,17 @@ def test_worker_crash_marks_only_that_item_failed():
 
 
 # -- interruption ---------------------------------------------------------------------------
+def _check_visible(patches: Path, seen: set) -> list[Path]:
+    """Every ``.h5`` visible under ``patches/`` is complete: it opens and holds all its rows."""
+    visible = sorted(patches.glob("*.h5")) if patches.is_dir() else []
+    for p in visible:
+        if p.name not in seen:
+            with PatchFile(p) as pf:
+                assert len(pf) == int(pf.attrs["n_patches"]) > 0
+            seen.add(p.name)
+    return visible
+
+
 def test_sigkill_midway_then_rerun_equals_uninterrupted(slides, reference, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -235,13 +246,7 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(slides, reference, tmp_p
     deadline = time.monotonic() + 90
     try:
         while time.monotonic() < deadline:
-            visible = [p for p in patches.glob("*.h5")] if patches.is_dir() else []
-            for p in visible:  # every visible .h5 is complete: it opens and has all its rows
-                if p.name not in seen:
-                    with PatchFile(p) as pf:
-                        assert len(pf) == int(pf.attrs["n_patches"]) > 0
-                    seen.add(p.name)
-            if visible:
+            if _check_visible(patches, seen):
                 proc.send_signal(signal.SIGKILL)
                 break
             if proc.poll() is not None:
@@ -257,8 +262,14 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(slides, reference, tmp_p
     while any(not FileLock(p)._is_stale() for p in (out / "locks").glob("*.lock")) and time.monotonic() < deadline:
         time.sleep(0.05)
 
-    rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rerun = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while rerun.poll() is None and time.monotonic() < deadline:  # poll the re-run as well
+        _check_visible(patches, seen)
+        time.sleep(0.005)
+    log = rerun.communicate(timeout=10)[0]
+    assert rerun.returncode == 0, log
+    assert len(_check_visible(patches, seen)) == N_SLIDES
     assert not [p for p in patches.iterdir() if not p.name.endswith(".h5")]  # no temporaries left
     assert_same_outputs(reference, out)
     manifest = pd.read_csv(out / "manifest.csv")
@@ -368,3 +379,10 @@ def test_stalled_item_is_killed_after_the_timeout():
     assert time.monotonic() - t0 < 10
     assert results["stall"]["failed"].startswith("timed out: still running after 1.5 s")
     assert "pid" in results["a"] and "pid" in results["b"]
+
+
+def test_in_process_mode_gives_the_same_files(slides, reference, tmp_path):
+    out = tmp_path / "out"
+    summary = run_cohort(make_cfg([slides], out, workers=0), progress=False, log=lambda s: None)
+    assert summary.count("done") == N_SLIDES
+    assert_same_outputs(reference, out)

@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    shared = Path(args.shared)
+    missing = [n for n in ("wsi/cmu-1-small-region.svs", "wsi/tcga-cr-7395-01a-01-ts1.svs") if not (shared / n).is_file()]
+    if missing:
+        p.error(f"the shared data is missing ({', '.join(missing)} under {shared}); pass --shared FOLDER")
     side = args.side or (8192 if args.quick else 40960)
     if side % CELL:
         p.error(f"--side must be a multiple of {CELL}")
@@ -277,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         print(f"building derived slides in {workdir} ...", flush=True)
-        mosaic = Mosaic([img for _, img in _sources(Path(args.shared))])
-        results["sources"] = [name for name, _ in _sources(Path(args.shared))]
+        sources = _sources(shared)
+        mosaic = Mosaic([img for _, img in sources])
+        results["sources"] = [name for name, _ in sources]
+        del sources
         large = build_slide(workdir / f"mosaic_{side}.tiff", side, mosaic)
         small = build_slide(workdir / f"mosaic_{small_side}.tiff", small_side, mosaic)
         del mosaic

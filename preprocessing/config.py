@@ -52,6 +52,7 @@ class TileConfig:
     workers: int = 1
     shard: str = "0/1"               # i/n: process the i-th of n interleaved shards (cluster array jobs)
     overwrite: bool = False          # redo slides even when done with the same parameters
+    slide_timeout_s: Optional[float] = None  # a slide still running after this many seconds is killed and marked failed
     patch: PatchConfig = field(default_factory=PatchConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

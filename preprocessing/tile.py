@@ -1,0 +1,104 @@
+"""``sgcl tile`` / ``python -m preprocessing.tile``: slides -> ``<out>/patches/<slide_id>.h5`` + QC + manifest.
+
+Examples::
+
+    sgcl tile data/demo/CMU-1-Small-Region.svs --out demo_out/tiles
+    sgcl tile /data/slides --recursive --out tiles --config configs/tile/20x_256.yaml --workers 8
+    sgcl tile cohort.csv --out tiles --assume-mpp 0.25 tissue.pen_filter=false
+    sgcl tile /data/slides --out tiles --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+
+Inputs are slide files, folders (scanned by extension) and CSVs with a ``path`` column and optional
+``slide_id`` and ``mpp`` (per-slide µm/px override) columns. Exit code: 0 when no slide failed,
+1 when any slide failed (the others are still done), 2 for bad arguments or inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from sgcl.config import ConfigError, config_from_args
+
+from .config import TileConfig
+
+FLAG_MAP = {
+    "inputs": "inputs", "out": "out_dir", "target_mpp": "patch.target_mpp", "patch_size": "patch.patch_size",
+    "stride": "patch.stride", "assume_mpp": "assume_mpp", "workers": "workers", "shard": "shard",
+    "codec": "output.codec", "reader": "reader", "min_tissue": "tissue.min_tissue_fraction",
+    "overwrite": "overwrite", "recursive": "recursive", "qc": "output.qc", "slide_timeout": "slide_timeout_s",
+}
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sgcl tile", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tile whole-slide images into per-slide HDF5 patch files at a chosen µm/px, with a QC PNG "
+                    "per slide, a cohort manifest.csv and index.html.",
+        epilog=__doc__.split("Examples::", 1)[1],
+    )
+    p.add_argument("items", nargs="*", metavar="INPUT|key=value",
+                   help="slide files, folders or CSVs (path[,slide_id][,mpp]); then dotted config overrides "
+                        "such as tissue.pen_filter=false")
+    p.add_argument("--config", "-c", default=None, help="YAML config (e.g. configs/tile/default.yaml)")
+    p.add_argument("--out", "-o", default=None, help="output folder (config key out_dir)")
+    p.add_argument("--target-mpp", type=float, default=None, help="µm/px of the patches (default 0.5)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side in output pixels (default 224)")
+    p.add_argument("--stride", type=int, default=None, help="output pixels between patch origins (default: patch size)")
+    p.add_argument("--assume-mpp", type=float, default=None,
+                   help="µm/px for slides whose header has none (a CSV mpp column wins)")
+    p.add_argument("--workers", "-j", type=int, default=None,
+                   help="slides tiled in parallel, one process each (0 = in this process, for debugging)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="process the I-th of N interleaved shards (array jobs)")
+    p.add_argument("--codec", choices=["raw", "lzf", "gzip", "jpeg"], default=None, help="patch storage in the HDF5")
+    p.add_argument("--reader", choices=["auto", "openslide", "image", "tiatoolbox"], default=None)
+    p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a kept patch (default 0.5)")
+    p.add_argument("--slide-timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill a slide still running after this long and mark it failed (stalled reads)")
+    p.add_argument("--recursive", "-r", action="store_true", default=None, help="search folders recursively")
+    p.add_argument("--overwrite", action="store_true", default=None, help="redo slides already done with the same parameters")
+    p.add_argument("--no-qc", dest="qc", action="store_false", default=None, help="skip the per-slide QC PNGs")
+    p.add_argument("--dry-run", action="store_true", help="list the slides of this shard and exit")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> tuple[TileConfig, argparse.Namespace]:
+    """Command line -> ``TileConfig`` (defaults <- --config <- key=value overrides <- flags)."""
+    args = build_parser().parse_intermixed_args(argv)
+    inputs, overrides = [], []
+    for item in args.items:
+        (overrides if _OVERRIDE.match(item) and not Path(item).exists() else inputs).append(item)
+    args.overrides = overrides
+    args.inputs = inputs or None
+    return config_from_args(TileConfig, args, FLAG_MAP), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cohort import CohortError, discover, parse_shard, run_cohort, select_shard
+
+    try:
+        cfg, args = parse_config(argv)
+        if not cfg.inputs:
+            raise CohortError("no inputs: pass slide files, folders or a CSV (or set `inputs` in the config)")
+        if args.dry_run:
+            i, n = parse_shard(cfg.shard)
+            jobs = discover(cfg.inputs, cfg.recursive)
+            mine = select_shard(jobs, i, n)
+            for job in mine:
+                print(f"{job.slide_id}\t{job.path}" + (f"\tmpp={job.mpp}" if job.mpp else ""))
+            print(f"{len(mine)} of {len(jobs)} slides in shard {i}/{n}", file=sys.stderr)
+            return 0
+        summary = run_cohort(cfg, progress=not args.quiet)
+    except (ConfigError, CohortError) as exc:
+        print(f"sgcl tile: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    print(f"manifest: {Path(cfg.out_dir) / 'manifest.csv'}   QC page: {Path(cfg.out_dir) / 'index.html'}")
+    return 1 if summary.count("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,8 @@
 positives excluded), keep the top ``⌈frac·N⌉`` in decreasing order, and pick ``k`` rank
 positions — shared by the batch, without replacement — from a Beta(a, b) density over those
 positions (Beta(5, 15) skips the hardest, likely false, negatives). ``hardest`` takes the top
-``k``; ``uniform`` draws ``k`` candidates uniformly and masks self/positives out.
+``k``; ``uniform`` draws ``k`` candidates uniformly (with replacement, O(k) at any N) and masks
+self/positives out.
 Rank positions come from a seeded generator, so every rank (and a single process with the
 whole batch) draws the same ones.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 from sgcl.memory.bank import chunked_topk
@@ -35,16 +37,29 @@ def beta_rank_weights(length: int, a: float = 5.0, b: float = 15.0) -> torch.Ten
 
 
 def sample_rank_positions(length: int, k: int, mode: Mining, a: float, b: float, generator: torch.Generator) -> torch.Tensor:
-    """``min(k, length)`` sorted rank positions in ``[0, length)`` (CPU int64)."""
+    """``min(k, length)`` distinct sorted rank positions in ``[0, length)`` (CPU int64).
+
+    ``semi_hard``: exact Beta(a, b) bin probabilities with ``torch.multinomial`` (without
+    replacement) up to 2^24 positions; beyond that (``frac·N`` of a 100M-row bank) Beta draws are
+    binned and deduplicated until ``k`` distinct positions are found.
+    """
     k = min(int(k), int(length))
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
     if mode == "hardest":
         return torch.arange(k)
-    if mode == "semi_hard":
+    if mode != "semi_hard":
+        raise ValueError(f"rank positions are only drawn for semi_hard/hardest, got {mode!r}")
+    if length <= 2**24:
         w = beta_rank_weights(length, a, b)
         return torch.multinomial(w.float(), k, replacement=False, generator=generator).sort().values
-    raise ValueError(f"rank positions are only drawn for semi_hard/hardest, got {mode!r}")
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    picked = np.zeros(0, dtype=np.int64)
+    while picked.size < k:
+        draw = np.minimum((rng.beta(a, b, size=2 * k) * length).astype(np.int64), length - 1)
+        picked = np.unique(np.concatenate([picked, draw]))
+    picked = rng.permutation(picked)[:k]
+    return torch.from_numpy(np.sort(picked))
 
 
 def _is_excluded(cand: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
@@ -86,7 +101,7 @@ def mine_negatives(
             exclude = torch.cat([exclude, bad.unsqueeze(0).expand(query.shape[0], -1).to(exclude.device)], 1)
     if mode == "uniform":
         kk = min(int(k), n)
-        cand = torch.randperm(n, generator=gen)[:kk].to(device).unsqueeze(0).expand(query.shape[0], -1).contiguous()
+        cand = torch.randint(0, n, (kk,), generator=gen).to(device).unsqueeze(0).expand(query.shape[0], -1).contiguous()
         return cand, ~_is_excluded(cand, exclude.to(device))
     length = max(1, math.ceil(frac * n)) if mode == "semi_hard" else min(int(k), n)
     positions = sample_rank_positions(length, k, mode, a, b, gen).to(device)

@@ -204,17 +204,8 @@ class SGCL(PretrainMethod):
                 loss = loss + s.lambda_single * l_single
                 out["loss_single"] = l_single.detach()
             if self.uses_spatial_loss:
-                pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+                pos_idx, pos_mask, neg_idx, neg_mask, diag = self.positive_negative_sets(q, hb, idx, step)
                 pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
-                exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
-                if self.ranks_by_backbone:
-                    rank_q, rank_keys = hb, self.bank_b.weight
-                else:
-                    rank_q, rank_keys = q, self.bank.weight
-                neg_idx, neg_mask = mine_negatives(
-                    rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-                    generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
-                )
                 neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
                 l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
                 w = sigmoid_rampup(epoch, s.rampup_epochs)
@@ -238,6 +229,26 @@ class SGCL(PretrainMethod):
                 self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
             out["loss"] = loss
         return out
+
+    @torch.no_grad()
+    def positive_negative_sets(self, q: torch.Tensor, hb: torch.Tensor, idx: torch.Tensor, step: int):
+        """Memory mode: padded positive set ``P_i`` and mined negatives ``H_i`` of each anchor.
+
+        Returns ``(pos_idx, pos_mask, neg_idx, neg_mask, diagnostics)``; all indices are global
+        patch indices. Negatives never contain the anchor or any of its positives.
+        """
+        s, cfg = self.cfg.sgcl, self.cfg
+        pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+        exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
+        if self.ranks_by_backbone:
+            rank_q, rank_keys = hb, self.bank_b.weight
+        else:
+            rank_q, rank_keys = q, self.bank.weight
+        neg_idx, neg_mask = mine_negatives(
+            rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
+            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
+        )
+        return pos_idx, pos_mask, neg_idx, neg_mask, diag
 
     @torch.no_grad()
     def _positives_memory(self, q: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

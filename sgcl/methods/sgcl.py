@@ -116,6 +116,7 @@ class SGCL(PretrainMethod):
             if s.inter_term:
                 c = effective_clusters(cfg.moco.queue_size, s.kmeans_clusters)
                 self.register_buffer("centroids", torch.zeros(s.kmeans_runs, c, cfg.proj_dim, device=device))
+                self.register_buffer("has_centroids", torch.tensor(False, device=device))
         else:
             self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed).to(device)
             if self.ranks_by_backbone:
@@ -131,7 +132,7 @@ class SGCL(PretrainMethod):
         # Banks, queues and labels are kept identical on every rank by all-gathered updates and
         # broadcasts; DDP must not re-broadcast them from rank 0 at every forward (GBs at scale).
         self._ddp_params_and_buffers_to_ignore = [
-            name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "clustered_epoch")
+            name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "has_centroids", "clustered_epoch")
         ]
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -143,10 +144,12 @@ class SGCL(PretrainMethod):
         if self.queue_mode:
             valid = self.queue.valid()
             n_valid = int(valid.sum())
-            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: keep no clusters
+            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: no clusters this epoch
+                self.clustered_epoch.fill_(int(epoch))      # decided for this epoch (a resume must agree)
                 return
             keys = self.queue.keys[valid].float()
             c = fit_and_broadcast_centroids(keys, self.centroids, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
+            self.has_centroids.fill_(True)
             log.info("epoch %d: k-means on %d queued keys, %d clusters × %d runs", epoch, n_valid, c, s.kmeans_runs)
         else:
             c = fit_and_broadcast(self.bank.weight, self.clusters, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
@@ -374,7 +377,7 @@ class SGCL(PretrainMethod):
         sp = (cand_s.unsqueeze(0) == slide.unsqueeze(1)) & (d2 > 0) & (d2 < s.radius**2) & not_self
         mask = sp.clone() if s.intra_term else torch.zeros_like(sp)
         n_se = torch.zeros(idx.shape[0], device=idx.device)
-        if s.inter_term and int(self.clustered_epoch) >= 0:
+        if s.inter_term and bool(self.has_centroids):
             lab_c = torch.stack([assign_clusters(cand_k, c) for c in self.centroids])   # (R, M)
             lab_q = torch.stack([assign_clusters(k, c) for c in self.centroids])        # (R, B) anchor = own key
             kk = min(s.nei_k, cand_k.shape[0])

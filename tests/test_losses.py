@@ -245,3 +245,22 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
         assert torch.equal(assign_clusters(x, cents[r]), labels[r])
     again, _ = fit_kmeans(x, 3, runs=2, niter=20, seed=1234)
     assert torch.equal(labels, again)
+
+
+@pytest.mark.parametrize("mode", ["semi_hard", "hardest"])
+def test_mining_within_a_random_pool_still_excludes_and_stays_in_range(mode):
+    query, keys, exclude = _mining_case()
+    idx, mask = mine_negatives(query, keys, exclude, 10, mode, generator=torch.Generator().manual_seed(2), pool=80)
+    assert idx.shape[1] <= 10 and bool(mask.any())
+    for row in range(2):
+        chosen = set(idx[row][mask[row]].tolist())
+        assert chosen and not chosen & set(exclude[row].tolist())
+        assert all(0 <= c < 200 for c in chosen)
+    # hardest within the pool = the 10 most similar non-excluded keys among the pooled rows
+    if mode == "hardest":
+        rows = torch.randint(0, 200, (80,), generator=torch.Generator().manual_seed(2)).unique()
+        sims = query @ keys.t()
+        for row in range(2):
+            cand = [r for r in rows.tolist() if r not in set(exclude[row].tolist())]
+            best = sorted(cand, key=lambda r: -float(sims[row, r]))[:10]
+            assert set(idx[row].tolist()) == set(best)

@@ -249,7 +249,7 @@ class SGCL(PretrainMethod):
             rank_q, rank_keys = q, self.bank.weight
         neg_idx, neg_mask = mine_negatives(
             rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
+            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk, pool=s.mining_pool,
         )
         return pos_idx, pos_mask, neg_idx, neg_mask, diag
 

@@ -94,7 +94,7 @@ def main() -> None:
     for key, cfg in configs().items():
         rec = trace(cfg)
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, [c.sum().item() if c.dtype != torch.long else int((c * torch.arange(1, c.shape[-1] + 1)).sum()) for c in rec["clusters"]])
+        dist.all_gather_object(gathered, [c.double().sum().item() if c.is_floating_point() else int((c.long() * torch.arange(1, c.shape[-1] + 1)).sum()) for c in rec["clusters"]])
         rec["clusters_per_rank"] = gathered
         ddp[key] = rec
     dist.barrier()

@@ -128,12 +128,26 @@ class SGCL(PretrainMethod):
             if s.inter_term:
                 c = effective_clusters(n, s.kmeans_clusters)
                 gen = torch.Generator().manual_seed(cfg.seed + 7)
-                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen).to(device))
+                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen, dtype=torch.int32).to(device))
+        self._log_memory(n)
         # Banks, queues and labels are kept identical on every rank by all-gathered updates and
         # broadcasts; DDP must not re-broadcast them from rank 0 at every forward (GBs at scale).
         self._ddp_params_and_buffers_to_ignore = [
             name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "has_centroids", "clustered_epoch")
         ]
+
+    def _log_memory(self, n: int) -> None:
+        from sgcl.memory.estimate import estimate_memory, human, persistent_bytes
+
+        parts = estimate_memory(self.cfg, n, self.feat_dim)
+        total = persistent_bytes(parts)
+        log.info("SGCL (%s mode) state for %d patches: %s (%s)", self.cfg.sgcl.bank, n, human(total),
+                 ", ".join(f"{k} {human(v)}" for k, v in parts.items()))
+        if not self.queue_mode and total > 16 * 2**30:
+            log.warning(
+                "SGCL memory-bank state is %s for %d patches; consider method.sgcl.bank=queue (constant memory), "
+                "method.sgcl.bank_dtype=float16 or method.sgcl.mining_pool=1000000 (see docs/memory.md)", human(total), n,
+            )
 
     def on_epoch_start(self, epoch: int) -> None:
         """Re-cluster (rank 0, broadcast) once per epoch; skipped when resuming inside an epoch

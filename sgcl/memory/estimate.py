@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from sgcl.clustering import effective_clusters
 from sgcl.methods.config import MethodConfig
 
 SPATIAL_INDEX_BYTES_PER_PATCH = 40  # slide (8) + grid (16) + sorted key (8) + order (8)
@@ -40,7 +41,7 @@ def estimate_memory(cfg: MethodConfig, num_patches: int, feat_dim: int, batch_si
         if by_backbone:
             out["queue_backbone_features"] = k * feat_dim * b
         if s.inter_term:
-            out["centroids"] = s.kmeans_runs * min(s.kmeans_clusters, k) * d * 4
+            out["centroids"] = s.kmeans_runs * effective_clusters(k, s.kmeans_clusters) * d * 4
         out["step_transient"] = batch_size * (k + batch_size) * (4 + 1 + 8)  # sims, masks, exclusion
         return out
     out["bank"] = n * d * b

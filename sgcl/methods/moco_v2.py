@@ -30,6 +30,8 @@ class MoCoV2(PretrainMethod):
 
     def on_train_start(self, meta: DatasetMeta) -> None:
         self.key_encoder.reset(self.backbone, self.head)
+        # the queue is kept identical on all ranks by all-gathered enqueues: DDP need not re-broadcast it
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if n.startswith("queue.")]
 
     def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
         x_q, x_k = batch["views"][0], batch["views"][1]

@@ -284,9 +284,9 @@ class SGCL(PretrainMethod):
             clusters = self.clusters
             k = min(s.nei_k, self.bank.num_rows)
             # anchor's own candidates: top-k of q·V, anchor excluded
-            _, cand = chunked_topk(q, self.bank.weight, k, chunk=s.sim_chunk, exclude=idx.unsqueeze(1))
+            cand_v, cand = chunked_topk(q, self.bank.weight, k, chunk=s.sim_chunk, exclude=idx.unsqueeze(1))
             ok = (clusters[:, cand] == clusters[:, idx].unsqueeze(2)).all(0)
-            ok &= cand != idx.unsqueeze(1)
+            ok &= (cand != idx.unsqueeze(1)) & torch.isfinite(cand_v)
             se_i, se_m = [cand], [ok]
             if s.aux_num > 0 and true_nb.any():
                 a = min(s.aux_num, nb.index.shape[1])
@@ -296,10 +296,10 @@ class SGCL(PretrainMethod):
                 aux_ok = torch.isfinite(top_v)                      # rows/slots with a real neighbour
                 aux_feat = self.bank.rows(aux.reshape(-1))          # (B·a, D)
                 excl = torch.stack([aux.reshape(-1), idx.repeat_interleave(a)], 1)
-                _, cand_a = chunked_topk(aux_feat, self.bank.weight, k, chunk=s.sim_chunk, exclude=excl)
+                cand_av, cand_a = chunked_topk(aux_feat, self.bank.weight, k, chunk=s.sim_chunk, exclude=excl)
                 flat_aux = aux.reshape(-1)
                 ok_a = (clusters[:, cand_a] == clusters[:, flat_aux].unsqueeze(2)).all(0)
-                ok_a &= aux_ok.reshape(-1, 1)
+                ok_a &= aux_ok.reshape(-1, 1) & torch.isfinite(cand_av)
                 ok_a &= cand_a != idx.repeat_interleave(a).unsqueeze(1)  # the anchor never re-enters
                 b = idx.shape[0]
                 se_i.append(cand_a.reshape(b, a * k))

@@ -118,13 +118,13 @@ class SGCL(PretrainMethod):
                 self.register_buffer("centroids", torch.zeros(s.kmeans_runs, c, cfg.proj_dim, device=device))
                 self.register_buffer("has_centroids", torch.tensor(False, device=device))
         else:
-            self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed).to(device)
+            self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed, device=device)
             if self.ranks_by_backbone:
-                self.bank_b = MemoryBank(n, self.feat_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 1).to(device)
+                self.bank_b = MemoryBank(n, self.feat_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 1, device=device)
             if s.inner_term:
                 self.local_banks = nn.ModuleList(
-                    MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 2 + c) for c in range(4)
-                ).to(device)
+                    MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 2 + c, device=device) for c in range(4)
+                )
             if s.inter_term:
                 c = effective_clusters(n, s.kmeans_clusters)
                 gen = torch.Generator().manual_seed(cfg.seed + 7)

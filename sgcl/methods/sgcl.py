@@ -374,11 +374,9 @@ class SGCL(PretrainMethod):
                 out.update(diag)
             if s.inner_term:
                 assert u is not None
-                b = q.shape[0]
                 l_m = info_nce(u, k.repeat(4, 1), queue_keys, cfg.tau_head)  # quadrant c of patch i ↔ key of patch i
                 loss = loss + s.lambda_inner * l_m
                 out["loss_mcrop"] = l_m.detach()
-                del b
             if self.training:
                 self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
             out["loss"] = loss

@@ -1,0 +1,7 @@
+"""Segmentation fine-tuning of a pretrained encoder and sliding-window inference.
+
+Modules: ``model`` (encoder + U-Net decoder), ``losses`` (soft Dice + CE), ``metrics`` (Dice/IoU),
+``data`` (image/mask pairs, patch sampling, label fractions), ``nuclei_task`` (a derived-label nuclei
+task from real H&E), ``train`` (fine-tuning loop), ``sliding_window`` (stitched inference over
+images and whole-slide regions), ``cli`` (``sgcl eval seg``).
+"""

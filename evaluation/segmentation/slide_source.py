@@ -68,6 +68,15 @@ class RegionSource:
     def level_downsamples(self) -> list[float]:
         return [float(d) for d in getattr(self._reader, "level_downsamples", [1.0])]
 
+    @property
+    def level_dims0(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+        dims = getattr(self._reader, "level_dimensions", None)
+        if dims:
+            return int(dims[0][0]), int(dims[0][1])
+        w, h = self._reader.dimensions
+        return int(w), int(h)
+
     def downsample(self, level: int) -> float:
         return self.level_downsamples[level]
 

@@ -66,7 +66,8 @@ def _to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         arr = image
     else:
-        arr = torch.from_numpy(np.ascontiguousarray(image))
+        image = np.ascontiguousarray(image)
+        arr = torch.from_numpy(image if image.flags.writeable else image.copy())
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:

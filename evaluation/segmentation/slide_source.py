@@ -1,8 +1,8 @@
 """A thin adapter from a slide file to "read this level-0 box at this pyramid level as RGB uint8",
 used by :func:`~evaluation.segmentation.sliding_window.predict_slide_region`.
 
-It uses the tiling stage's readers (``preprocessing.readers.open_slide``) when available, else
-OpenSlide directly.
+Slides are opened through the tiling stage's readers (``preprocessing.readers.open_slide``:
+OpenSlide formats, plain images, TIAToolbox) and their µm/px resolved by ``preprocessing.mpp``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from preprocessing.mpp import MppError, resolve_mpp
+from preprocessing.readers import SlideOpenError, open_slide
 
 
 class SlideSourceError(ValueError):
@@ -19,61 +22,30 @@ class SlideSourceError(ValueError):
 class RegionSource:
     """Level geometry + RGB reads of one slide; a context manager that closes the slide."""
 
+    kind = "preprocessing.readers"
+
     def __init__(self, path: str | Path, slide_mpp: float | None = None):
         self.path = Path(path)
-        if not self.path.exists():
-            raise SlideSourceError(f"slide {self.path} does not exist")
-        self._reader, self.kind = self._open()
-        self.mpp = float(slide_mpp) if slide_mpp else self._header_mpp()
-        if not self.mpp or self.mpp <= 0:
-            raise SlideSourceError(
-                f"{self.path}: the slide header has no µm/px; pass the slide's resolution (slide_mpp=0.25 / --slide-mpp 0.25)")
-
-    # -- backends ------------------------------------------------------------------------------
-    def _open(self):
         try:
-            from preprocessing.readers import open_slide  # the tiling stage's readers
-        except ImportError:
-            open_slide = None
-        if open_slide is not None:
-            try:
-                return open_slide(self.path), "preprocessing.readers"
-            except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-                raise SlideSourceError(f"{self.path}: cannot open slide: {exc}") from exc
-        import openslide
-
+            self._reader = open_slide(self.path)
+        except SlideOpenError as exc:
+            raise SlideSourceError(str(exc)) from None
         try:
-            return openslide.OpenSlide(str(self.path)), "openslide"
-        except Exception as exc:  # noqa: BLE001
-            raise SlideSourceError(f"{self.path}: OpenSlide cannot open it ({exc}); convert it to a tiled TIFF") from exc
-
-    def _header_mpp(self) -> float | None:
-        value = getattr(self._reader, "mpp", None)
-        if callable(value):
-            value = value()
-        if isinstance(value, (tuple, list)):
-            value = value[0]
-        if value:
-            return float(value)
-        props = getattr(self._reader, "properties", {}) or {}
-        for key in ("openslide.mpp-x", "aperio.MPP"):
-            if props.get(key):
-                try:
-                    return float(props[key])
-                except ValueError:
-                    pass
-        return None
+            mpp = resolve_mpp(self.path, self._reader.properties, override=slide_mpp)
+        except MppError as exc:
+            self._reader.close()
+            raise SlideSourceError(f"{self.path}: no usable µm/px in the slide header ({exc}); pass the slide's "
+                                   "resolution with --slide-mpp VALUE (slide_mpp=VALUE), e.g. 0.25 for 40x, 0.5 for 20x") from None
+        self.mpp, self.mpp_source = float(mpp.value), mpp.source
+        self.reader_name = getattr(self._reader, "name", type(self._reader).__name__)
 
     @property
     def level_downsamples(self) -> list[float]:
-        return [float(d) for d in getattr(self._reader, "level_downsamples", [1.0])]
+        return [float(d) for d in self._reader.level_downsamples]
 
     @property
     def level_dims0(self) -> tuple[int, int]:
         """Level-0 (width, height)."""
-        dims = getattr(self._reader, "level_dimensions", None)
-        if dims:
-            return int(dims[0][0]), int(dims[0][1])
         w, h = self._reader.dimensions
         return int(w), int(h)
 
@@ -82,28 +54,14 @@ class RegionSource:
 
     def best_level(self, scale: float) -> int:
         """The coarsest level whose downsample does not exceed ``scale`` (never upsample a coarser level)."""
-        best = 0
-        for i, ds in enumerate(self.level_downsamples):
-            if ds <= scale * (1 + 1e-3):
-                best = i if ds >= self.level_downsamples[best] else best
-        return best
+        return int(self._reader.best_level_for_downsample(scale, tolerance=1e-3))
 
     def read(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 RGB of the box with level-0 origin (x0, y0) and size (w, h) at ``level``."""
-        if self.kind == "openslide":
-            region = np.asarray(self._reader.read_region((x0, y0), level, (w, h)))
-            rgb = region[..., :3].astype(np.float32)
-            alpha = region[..., 3:4].astype(np.float32) / 255.0  # outside the slide: white
-            return (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
-        arr = np.asarray(self._reader.read_region(x0, y0, level, w, h))
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[..., :3]
-        return np.ascontiguousarray(arr, dtype=np.uint8)
+        return np.ascontiguousarray(self._reader.read_region(x0, y0, level, w, h), dtype=np.uint8)
 
     def close(self) -> None:
-        close = getattr(self._reader, "close", None)
-        if close is not None:
-            close()
+        self._reader.close()
 
     def __enter__(self) -> "RegionSource":
         return self

@@ -220,6 +220,6 @@ def predict_slide_region(
             labels = probs.argmax(0).astype(np.uint8)
             mask[ty:ty + th, tx:tx + tw] = labels[margin:margin + th, margin:margin + tw]
             rgb[ty:ty + th, tx:tx + tw] = patch[margin:margin + th, margin:margin + tw]
-        info = {"slide": str(slide_path), "slide_mpp": source.mpp, "reader": source.kind, "tiles": len(tiles)}
+        info = {"slide": str(slide_path), "slide_mpp": source.mpp, "reader": source.reader_name, "slide_mpp_source": source.mpp_source, "tiles": len(tiles)}
     return RegionPrediction(mask=mask, image=rgb, mpp=float(mpp), scale=float(scale),
                             region=(int(x0), int(y0), int(w), int(h)), level=int(level), info=info)

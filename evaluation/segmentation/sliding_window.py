@@ -45,6 +45,29 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+@dataclass(frozen=True)
+class WindowGrid:
+    """Where the windows of one image go: padding (left, right, top, bottom) and window corners (y, x)
+    in the padded image."""
+
+    pad: tuple[int, int, int, int]
+    boxes: list[tuple[int, int]]
+    padded_shape: tuple[int, int]
+
+
+def window_grid(height: int, width: int, window: int | Sequence[int], overlap: float = 0.5) -> WindowGrid:
+    """Reflect padding of half the overlap on every side (more where the image is smaller than a
+    window), then windows at stride ``window·(1 − overlap)`` covering every pixel."""
+    wh, ww = _pair(window)
+    sh, sw = max(1, int(round(wh * (1 - overlap)))), max(1, int(round(ww * (1 - overlap))))
+    top, left = (wh - sh) // 2, (ww - sw) // 2
+    bottom = top + max(0, wh - (height + 2 * top))
+    right = left + max(0, ww - (width + 2 * left))
+    ph, pw = height + top + bottom, width + left + right
+    boxes = [(y, x) for y in window_starts(ph, wh, sh) for x in window_starts(pw, ww, sw)]
+    return WindowGrid((left, right, top, bottom), boxes, (ph, pw))
+
+
 def window_weights(window: int | Sequence[int], weighting: Weighting = "gaussian", sigma_scale: float = 1 / 8) -> torch.Tensor:
     """(h, w) float32 weights: a separable Gaussian with σ = sigma_scale·size (peak 1), or ones."""
     h, w = _pair(window)
@@ -103,17 +126,13 @@ def sliding_window_predict(
     _, height, width = img.shape
     if height == 0 or width == 0:
         raise ValueError("image is empty")
-    sh, sw = max(1, int(round(wh * (1 - overlap)))), max(1, int(round(ww * (1 - overlap))))
-    # reflect-pad by half the overlap on every side, and up to one window where the image is smaller
-    top, left = (wh - sh) // 2, (ww - sw) // 2
-    bottom = top + max(0, wh - (height + 2 * top))
-    right = left + max(0, ww - (width + 2 * left))
-    if top or left or bottom or right:
-        mode = pad_mode if min(height, width) > 1 else "replicate"
-        img = _pad(img, (left, right, top, bottom), mode)
+    grid = window_grid(height, width, (wh, ww), overlap)
+    top, left = grid.pad[2], grid.pad[0]
+    if any(grid.pad):
+        img = _pad(img, grid.pad, pad_mode if min(height, width) > 1 else "replicate")
     _, ph, pw = img.shape
+    boxes = grid.boxes
     weights = window_weights((wh, ww), weighting).to(device)
-    boxes = [(y, x) for y in window_starts(ph, wh, sh) for x in window_starts(pw, ww, sw)]
     out: torch.Tensor | None = None
     norm = torch.zeros(ph, pw, device=device)
     bar = tqdm(total=len(boxes), desc="windows", unit="win", disable=not progress, leave=False)

@@ -49,8 +49,13 @@ def cosine_lr(step: int, total: int, warmup: int = 0) -> float:
 
 
 def probability_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model_fn`` for sliding-window inference: softmax probabilities."""
-    return lambda x: model(x).float().softmax(1)
+    """``model_fn`` for sliding-window inference: softmax probabilities (bfloat16 autocast on a GPU)."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            return model(x).float().softmax(1)
+
+    return fn
 
 
 @torch.no_grad()

@@ -118,20 +118,20 @@ def main(argv: list[str] | None = None) -> int:
                                     device=device, progress=False)
         sync(device)
         t_region = time.perf_counter() - t0
-        tiles = pred.info["tiles"]
+        tiles, region_windows = pred.info["tiles"], pred.info["windows"]
 
     figures = {
         "size": args.size, "window": args.window, "overlap": args.overlap, "windows": len(grid.boxes),
         "encoder": args.encoder, "device": str(device), "threads": torch.get_num_threads(),
         "forward_px_per_s": pixels / t_forward, "stitched_px_per_s": pixels / t_stitched,
         "region_px_per_s": pixels / t_region, "stitched_vs_forward": t_forward / t_stitched,
-        "region_vs_forward": t_forward / t_region, "region_tiles": tiles,
+        "region_vs_forward": t_forward / t_region, "region_tiles": tiles, "region_windows": region_windows,
         "seconds": {"forward": t_forward, "stitched": t_stitched, "region": t_region},
     }
     print(f"forward only      : {figures['forward_px_per_s'] / 1e6:8.3f} Mpx/s  ({t_forward:.1f} s)")
     print(f"stitched (memory) : {figures['stitched_px_per_s'] / 1e6:8.3f} Mpx/s  ({t_stitched:.1f} s)  "
           f"= {figures['stitched_vs_forward']:.2f}× forward")
-    print(f"slide region      : {figures['region_px_per_s'] / 1e6:8.3f} Mpx/s  ({t_region:.1f} s, {tiles} tiles)  "
+    print(f"slide region      : {figures['region_px_per_s'] / 1e6:8.3f} Mpx/s  ({t_region:.1f} s, {tiles} tiles, {region_windows} windows)  "
           f"= {figures['region_vs_forward']:.2f}× forward")
     print("(output pixels per second; the 50 %-overlap windows cover each pixel ~4 times in every variant)")
     if args.out:

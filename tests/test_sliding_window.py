@@ -117,6 +117,28 @@ def test_slide_region_at_native_resolution_is_exact(demo_slide):
     assert np.array_equal(many.image, region)
 
 
+def test_slide_region_tiling_leaves_no_seams_for_a_context_model(demo_slide):
+    """A 7×7-conv model sees across window borders; the tiled region must equal the untiled one."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 7, padding=3), torch.nn.Softmax(1)).eval()
+    args = dict(x0=250, y0=400, w=530, h=390, mpp=0.499, window=64, overlap=0.5, progress=False, return_probs=True)
+    with torch.no_grad():
+        tiled = predict_slide_region(net, demo_slide, tile_size=96, **args)
+        whole = predict_slide_region(net, demo_slide, tile_size=4096, **args)
+    assert tiled.info["tiles"] == 30 and whole.info["tiles"] == 1
+    assert tiled.probs.shape == (3, 390, 530)
+    np.testing.assert_allclose(tiled.probs, whole.probs, atol=1e-5)
+    assert (tiled.mask == whole.mask).mean() > 0.9999
+    # and the region interior equals in-memory stitching of the same pixels (windows on the same grid:
+    # one stride of real context, so the in-memory grid starts one stride before the region's)
+    with open_slide(demo_slide) as reader:
+        context = reader.read_region(250 - 32, 400 - 32, 0, 530 + 64, 390 + 64)
+    with torch.no_grad():
+        mem = sliding_window_predict(net, context, 64, overlap=0.5)[:, 32:-32, 32:-32]
+    inner = (slice(None), slice(64, -64), slice(64, -64))
+    np.testing.assert_allclose(whole.probs[inner], mem[inner], atol=1e-4)
+
+
 def test_slide_region_at_coarser_mpp_has_the_right_shape_and_scale(demo_slide):
     pred = predict_slide_region(_dark_pixels, demo_slide, 0, 0, 2220, 2967, mpp=2.0, window=128, tile_size=256, progress=False)
     scale = 2.0 / 0.499

@@ -133,6 +133,18 @@ def sliding_window_predict(
     _, ph, pw = img.shape
     boxes = grid.boxes
     weights = window_weights((wh, ww), weighting).to(device)
+    out, norm = _accumulate(model_fn, img, grid.boxes, (wh, ww), weights, batch_size, device, progress)
+    out /= norm
+    return out[:, top:top + height, left:left + width].cpu().numpy()
+
+
+def _accumulate(model_fn: ModelFn, img: torch.Tensor, boxes: Sequence[tuple[int, int]], window: tuple[int, int],
+                weights: torch.Tensor, batch_size: int, device: torch.device, progress: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sum of ``model_fn`` over the windows at ``boxes`` (y, x) of ``img`` (C, H, W), and the
+    summed weights: ``(out (K, H, W), norm (H, W))``."""
+    wh, ww = window
+    _, ph, pw = img.shape
     out: torch.Tensor | None = None
     norm = torch.zeros(ph, pw, device=device)
     bar = tqdm(total=len(boxes), desc="windows", unit="win", disable=not progress, leave=False)
@@ -150,9 +162,8 @@ def sliding_window_predict(
             norm[y:y + wh, x:x + ww] += weights
         bar.update(len(chunk))
     bar.close()
-    assert out is not None
-    out /= norm
-    return out[:, top:top + height, left:left + width].cpu().numpy()
+    assert out is not None, "no windows"
+    return out, norm
 
 
 def _pad(img: torch.Tensor, pad: tuple[int, int, int, int], mode: str) -> torch.Tensor:
@@ -182,7 +193,17 @@ class RegionPrediction:
     scale: float  # level-0 pixels per output pixel
     region: tuple[int, int, int, int]  # level-0 x0, y0, w, h
     level: int  # slide level read
+    probs: np.ndarray | None = None  # (K, h, w) float32 when asked for
     info: dict = field(default_factory=dict)
+
+
+def _grid_range(start: int, length: int, total: int, window: int, stride: int, pad: int) -> tuple[int, int]:
+    """Indices k0..k1 of the global windows (origin −pad + k·stride) that overlap ``[start, start+length)``
+    of an axis of ``total`` output pixels."""
+    k_last = max(0, math.ceil((total + pad - window) / stride))  # the last window reaches the end
+    k0 = max(0, (start + pad - window) // stride + 1)
+    k1 = min(k_last, (start + length - 1 + pad) // stride)
+    return k0, k1
 
 
 def predict_slide_region(
@@ -201,13 +222,16 @@ def predict_slide_region(
     slide_mpp: float | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    return_probs: bool = False,
 ) -> RegionPrediction:
     """Predict the level-0 box (x0, y0, w, h) of a slide at ``mpp`` µm/px (the model's scale).
 
-    The output grid is processed in tiles of ``tile_size`` px (memory stays bounded for any region),
-    each read with a context margin of half a window from the best pyramid level and resized to
-    ``mpp``; tiles are predicted with :func:`sliding_window_predict` and stitched. ``slide_mpp``
-    overrides the slide header (needed for slides without µm/px).
+    The windows form one global grid over the region (origin half an overlap before it, stride
+    ``window·(1 − overlap)``, real slide pixels as context beyond the region's edges). The output is
+    computed in tiles of about ``tile_size`` px (a multiple of the stride), each from exactly the global
+    windows that overlap it, read from the best pyramid level and resized to ``mpp``: memory stays
+    bounded for any region, and the stitched result does not depend on the tiling (no tile seams).
+    ``slide_mpp`` overrides the slide header (needed for slides without µm/px).
     """
     from .slide_source import open_region_source
 
@@ -215,30 +239,49 @@ def predict_slide_region(
         raise ValueError(f"region size must be positive, got w={w}, h={h}")
     if mpp <= 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     import cv2
 
+    wh, ww = _pair(window)
+    sh, sw = max(1, int(round(wh * (1 - overlap)))), max(1, int(round(ww * (1 - overlap))))
+    pad_y, pad_x = (wh - sh) // 2, (ww - sw) // 2
+    tile_h, tile_w = max(sh, tile_size // sh * sh), max(sw, tile_size // sw * sw)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    weights = window_weights((wh, ww), weighting).to(device)
     with open_region_source(slide_path, slide_mpp) as source:
         scale = mpp / source.mpp  # level-0 px per output px
         out_w, out_h = max(1, int(round(w / scale))), max(1, int(round(h / scale)))
         level = source.best_level(scale)
         ds = source.downsample(level)
-        margin = _pair(window)[0] // 2
         mask = np.zeros((out_h, out_w), np.uint8)
         rgb = np.zeros((out_h, out_w, 3), np.uint8)
-        tiles = [(ty, tx) for ty in range(0, out_h, tile_size) for tx in range(0, out_w, tile_size)]
+        probs_out: np.ndarray | None = None
+        tiles = [(ty, tx) for ty in range(0, out_h, tile_h) for tx in range(0, out_w, tile_w)]
+        windows = 0
         for ty, tx in tqdm(tiles, desc=f"{Path(slide_path).name} tiles", unit="tile", disable=not progress):
-            th, tw = min(tile_size, out_h - ty), min(tile_size, out_w - tx)
-            bh, bw = th + 2 * margin, tw + 2 * margin
-            bx0 = x0 + (tx - margin) * scale
-            by0 = y0 + (ty - margin) * scale
+            th, tw = min(tile_h, out_h - ty), min(tile_w, out_w - tx)
+            ky0, ky1 = _grid_range(ty, th, out_h, wh, sh, pad_y)
+            kx0, kx1 = _grid_range(tx, tw, out_w, ww, sw, pad_x)
+            by0, bx0 = ky0 * sh - pad_y, kx0 * sw - pad_x  # box of the tile's windows, output px
+            bh, bw = (ky1 - ky0) * sh + wh, (kx1 - kx0) * sw + ww
             lw, lh = max(1, math.ceil(bw * scale / ds)), max(1, math.ceil(bh * scale / ds))
-            patch = source.read(int(round(bx0)), int(round(by0)), level, lw, lh)
+            patch = source.read(int(round(x0 + bx0 * scale)), int(round(y0 + by0 * scale)), level, lw, lh)
             if patch.shape[:2] != (bh, bw):
                 patch = cv2.resize(patch, (bw, bh), interpolation=cv2.INTER_AREA if lw > bw else cv2.INTER_LINEAR)
-            probs = sliding_window_predict(model_fn, patch, window, overlap, weighting, batch_size, device)
-            labels = probs.argmax(0).astype(np.uint8)
-            mask[ty:ty + th, tx:tx + tw] = labels[margin:margin + th, margin:margin + tw]
-            rgb[ty:ty + th, tx:tx + tw] = patch[margin:margin + th, margin:margin + tw]
-        info = {"slide": str(slide_path), "slide_mpp": source.mpp, "reader": source.reader_name, "slide_mpp_source": source.mpp_source, "tiles": len(tiles)}
+            boxes = [(ky * sh - pad_y - by0, kx * sw - pad_x - bx0)
+                     for ky in range(ky0, ky1 + 1) for kx in range(kx0, kx1 + 1)]
+            windows += len(boxes)
+            acc, norm = _accumulate(model_fn, _to_chw_float(patch), boxes, (wh, ww), weights, batch_size, device)
+            oy, ox = ty - by0, tx - bx0
+            tile_probs = (acc[:, oy:oy + th, ox:ox + tw] / norm[oy:oy + th, ox:ox + tw]).cpu().numpy()
+            mask[ty:ty + th, tx:tx + tw] = tile_probs.argmax(0).astype(np.uint8)
+            rgb[ty:ty + th, tx:tx + tw] = patch[oy:oy + th, ox:ox + tw]
+            if return_probs:
+                if probs_out is None:
+                    probs_out = np.zeros((tile_probs.shape[0], out_h, out_w), np.float32)
+                probs_out[:, ty:ty + th, tx:tx + tw] = tile_probs
+        info = {"slide": str(slide_path), "slide_mpp": source.mpp, "slide_mpp_source": source.mpp_source,
+                "reader": source.reader_name, "tiles": len(tiles), "windows": windows}
     return RegionPrediction(mask=mask, image=rgb, mpp=float(mpp), scale=float(scale),
-                            region=(int(x0), int(y0), int(w), int(h)), level=int(level), info=info)
+                            region=(int(x0), int(y0), int(w), int(h)), level=int(level), probs=probs_out, info=info)

@@ -107,10 +107,8 @@ def _slide_regions(slide: Path, region_size: int, count: int, background_level: 
 
     with open_region_source(slide, slide_mpp=1.0) as src:
         w0, h0 = src.level_dims0
-        ds = max(1.0, max(w0, h0) / 1024)
-        level = src.best_level(ds)
-        lds = src.downsample(level)
-        thumb = src.read(0, 0, level, int(w0 / lds), int(h0 / lds))
+        thumb = src.thumbnail(1024)
+        lds = w0 / thumb.shape[1]  # level-0 px per thumbnail px
         tissue = thumb.mean(-1) < background_level
         cells = []
         for y in range(0, h0 - region_size + 1, region_size):

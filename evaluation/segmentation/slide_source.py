@@ -60,6 +60,10 @@ class RegionSource:
         """(h, w, 3) uint8 RGB of the box with level-0 origin (x0, y0) and size (w, h) at ``level``."""
         return np.ascontiguousarray(self._reader.read_region(x0, y0, level, w, h), dtype=np.uint8)
 
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB overview whose longer side is at most ``max_size`` px (read in strips: bounded memory)."""
+        return self._reader.thumbnail(max_size)
+
     def close(self) -> None:
         self._reader.close()
 

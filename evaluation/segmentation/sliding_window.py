@@ -206,6 +206,7 @@ def _grid_range(start: int, length: int, total: int, window: int, stride: int, p
     return k0, k1
 
 
+@torch.inference_mode()
 def predict_slide_region(
     model_fn: ModelFn,
     slide_path: str | Path,

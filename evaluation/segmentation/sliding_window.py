@@ -7,8 +7,10 @@ whole-slide regions read through the tiling stage's readers (methods.md §2.2 st
 - Each window's output is weighted by a 2-D Gaussian (σ = window/8) or uniformly, accumulated,
   and divided by the accumulated weights. For a translation-equivariant model the result equals
   one forward pass over the whole image (tested).
-- :func:`predict_slide_region` reads a level-0 box of a slide at the model's µm/px in bounded tiles
-  (each with a context margin), predicts each tile and stitches the label map.
+- :func:`predict_slide_region` reads a level-0 box of a slide at the model's µm/px. Its windows form
+  one global grid over the region; the region is computed in bounded tiles, each from exactly the
+  global windows overlapping it (real slide pixels as context), so the result is independent of the
+  tiling (no tile seams) while memory stays bounded.
 """
 
 from __future__ import annotations

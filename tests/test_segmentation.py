@@ -13,8 +13,8 @@ from PIL import Image
 
 from evaluation.segmentation.cli import main as seg_main
 from evaluation.segmentation.config import SegConfig
-from evaluation.segmentation.data import (PatchDataset, SegDataError, SegPair, discover_splits, infer_num_classes,
-                                          load_pair, read_mask, select_fraction)
+from evaluation.segmentation.data import (PatchDataset, SegDataError, SegPair, check_pairs, discover_splits,
+                                          infer_num_classes, load_pair, read_mask, select_fraction)
 from evaluation.segmentation.losses import DiceCELoss, soft_dice_loss
 from evaluation.segmentation.metrics import confusion_matrix, dice_iou, segmentation_scores
 from evaluation.segmentation.model import build_segmentation_model
@@ -199,6 +199,11 @@ def test_bad_data_gives_clear_errors(discs, tmp_path):
     Image.fromarray(colour).save(bad / "masks" / "b.png")
     with pytest.raises(SegDataError, match="one channel of class indices"):
         read_mask(bad / "masks" / "b.png")
+    with pytest.raises(SegDataError, match=r"1 bad image/mask pair\(s\): .*a\.png: mask 40×40 px vs image 50×40"):
+        check_pairs([SegPair(bad / "images" / "a.png", bad / "masks" / "a.png", "a")])
+    cfg = load_config(SegConfig, None, [f"data={bad}", f"out={tmp_path / 'run'}", "model.encoder=test_resnet"])
+    with pytest.raises(SegDataError, match="bad image/mask pair"):  # found before any training
+        train_segmentation(cfg, progress=False)
     with pytest.raises(SegDataError, match="does not exist"):
         discover_splits(tmp_path / "nowhere")
     with pytest.raises(SegDataError, match="masks"):
@@ -275,8 +280,12 @@ def test_cli_train_frozen_fraction_then_predict(discs, tmp_path, capsys):
     big = np.asarray(Image.open(discs / "test" / "images" / "test0.png"))
     big = np.tile(big, (2, 3, 1))
     Image.fromarray(big).save(tmp_path / "big.png")
-    rc = seg_main(["predict", "--checkpoint", str(out), "--image", str(tmp_path / "big.png"), "--out", str(tmp_path / "pred")])
-    assert rc == 0
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rc = seg_main(["predict", "--checkpoint", str(out), "--image", str(tmp_path / "broken.png"), str(tmp_path / "big.png"),
+                   "--out", str(tmp_path / "pred")])
+    assert rc == 1  # the broken image is reported, the good one still predicted
+    items = json.loads((tmp_path / "pred" / "predictions.json").read_text())["items"]
+    assert "cannot read image" in items[0]["error"] and items[1]["shape"] == list(big.shape[:2])
     assert np.asarray(Image.open(tmp_path / "pred" / "big_mask.png")).shape == big.shape[:2]
     assert (tmp_path / "pred" / "big_overlay.png").is_file()
     assert seg_main(["--encoder", "test_resnet", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2

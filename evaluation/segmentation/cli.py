@@ -101,9 +101,16 @@ def run_predict(argv: Sequence[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    failed = 0
     if args.image:
         for path in args.image:
-            image = read_image(path)
+            try:
+                image = read_image(path)
+            except ValueError as exc:  # one unreadable image never stops the others
+                print(f"error: {exc}", file=sys.stderr)
+                records.append({"image": str(path), "error": str(exc)})
+                failed += 1
+                continue
             probs = sliding_window_predict(fn, image, window, args.overlap, args.weighting, args.batch_size, device, progress=True)
             mask = probs.argmax(0).astype(np.uint8)
             stem = Path(path).stem
@@ -135,8 +142,8 @@ def run_predict(argv: Sequence[str]) -> int:
                         "class_fractions": _fractions(pred.mask, spec["num_classes"]), **pred.info})
     atomic_write_json(out / "predictions.json", {"checkpoint": str(args.checkpoint), "model": spec, "window": window,
                                                  "overlap": args.overlap, "weighting": args.weighting, "items": records})
-    print(f"{len(records)} prediction(s) -> {out}")
-    return 0
+    print(f"{len(records) - failed} prediction(s) -> {out}" + (f"; {failed} failed (see predictions.json)" if failed else ""))
+    return 1 if failed else 0
 
 
 def _fractions(mask, num_classes: int) -> list[float]:

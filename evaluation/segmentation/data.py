@@ -153,6 +153,27 @@ def load_pair(pair: SegPair) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
+def check_pairs(pairs: Sequence[SegPair]) -> None:
+    """Check every pair's image and mask open and have the same size (headers only, no decoding),
+    so a bad file is reported before training starts, with all offenders listed."""
+    problems = []
+    for pair in pairs:
+        try:
+            with Image.open(pair.image) as im:
+                isize = im.size
+            with Image.open(pair.mask) as mk:
+                msize = mk.size
+        except (OSError, ValueError) as exc:
+            problems.append(f"{pair.image.name}: cannot open ({exc})")
+            continue
+        if isize != msize:
+            problems.append(f"{pair.mask}: mask {msize[0]}×{msize[1]} px vs image {isize[0]}×{isize[1]} px")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise SegDataError(f"{len(problems)} bad image/mask pair(s): " + "; ".join(problems[:5]) + more +
+                           ". Masks must match their image pixel for pixel; fix or remove these files")
+
+
 def infer_num_classes(pairs: Sequence[SegPair]) -> int:
     """1 + the largest class index in the masks (at least 2)."""
     top = 0

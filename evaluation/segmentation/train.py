@@ -24,7 +24,7 @@ from sgcl.config import to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 from .config import SegConfig
-from .data import PatchDataset, SegPair, discover_splits, infer_num_classes, load_pair, select_fraction
+from .data import PatchDataset, SegPair, check_pairs, discover_splits, infer_num_classes, load_pair, select_fraction
 from .losses import DiceCELoss
 from .metrics import confusion_matrix, dice_iou
 from .model import SegmentationModel, build_segmentation_model
@@ -143,6 +143,7 @@ def train_segmentation(cfg: SegConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     splits = discover_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, seed=t.seed)
+    check_pairs(splits["train"] + splits["val"] + splits["test"])
     train_pairs = select_fraction(splits["train"], t.label_fraction, seed=t.seed)
     val_pairs = splits["val"] or train_pairs
     num_classes = cfg.model.num_classes or infer_num_classes(splits["train"] + splits["val"])

@@ -254,3 +254,13 @@ def _plot_history(out: Path, history: list[dict]) -> None:
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def finetune(encoder: str, data: str | Path, out: str | Path, overrides: Sequence[str] = (),
+             config: str | Path | None = None, progress: bool = False) -> dict:
+    """One call for studies: ``finetune("runs/pretrain/export", task.root, "runs/seg/x", ["train.label_fraction=0.1"])``
+    = ``sgcl eval seg --encoder ... --data ... --out ...`` with dotted overrides; returns ``results.json``'s content."""
+    from sgcl.config import load_config
+
+    cfg = load_config(SegConfig, config, [f"model.encoder={encoder}", f"data={data}", f"out={out}", *overrides])
+    return train_segmentation(cfg, progress=progress)

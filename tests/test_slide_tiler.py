@@ -17,7 +17,8 @@ from preprocessing import slide_tiler
 from preprocessing.config import TileConfig
 from preprocessing.h5format import PatchFile
 from preprocessing.readers import open_slide
-from preprocessing.slide_tiler import SlideError, params_hash, tile_slide
+from preprocessing.qc import PATCH_COLOUR, TISSUE_COLOUR
+from preprocessing.slide_tiler import SlideError, params_hash, slide_params_hash, tile_slide
 
 
 def make_cfg(target_mpp=0.5, patch_size=224, stride=None, codec="raw", **tissue) -> TileConfig:
@@ -179,8 +180,10 @@ def test_cmu_svs_header_mpp_and_qc(tmp_path):
     assert res.status == "done" and res.mpp == pytest.approx(0.499) and res.mpp_source == "header:openslide.mpp-x"
     assert 30 <= res.n_patches <= 70, res.n_patches  # README: ~45 of ~117 tiles have > 50 % tissue
     assert 0.2 < res.tissue_area_mm2 < 1.6  # the slide is 1.1 × 1.5 mm
-    qc = cv2.imread(res.qc_png)
-    assert qc is not None and qc.shape[0] > 500
+    qc = cv2.imread(res.qc_png)[..., ::-1]
+    assert qc.shape[0] > 500
+    assert ((qc == PATCH_COLOUR).all(axis=-1).sum() > 100) and ((qc == TISSUE_COLOUR).all(axis=-1).sum() > 100)
+    assert slide_params_hash(slide, make_cfg(codec="jpeg")) == res.params_hash
     with h5py.File(tmp_path / "cmu.h5") as f:
         for key in ("format_version", "slide_id", "source_path", "source_size", "source_mtime", "vendor", "mpp",
                     "mpp_source", "target_mpp", "achieved_mpp", "read_level", "read_downsample", "patch_size",
@@ -242,3 +245,61 @@ def test_generic_tiff_fixture_needs_override(tmp_path):
     res = tile_slide(slide, tmp_path / "b.h5", make_cfg(patch_size=32, target_mpp=1.0, min_area_mm2=0.0),
                      mpp_override=0.5)
     assert res.mpp_source == "csv" and res.read_level == 1 and PatchFile(tmp_path / "b.h5").attrs["read_size"] == 32
+
+
+def test_read_many_any_order_with_repeats(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1536, 2048, mpp=0.5)
+    tile_slide(slide, tmp_path / "s.h5", make_cfg(codec="raw"))
+    pf = PatchFile(tmp_path / "s.h5")
+    idx = [5, 0, 5, len(pf) - 1, 3, 4, 2]
+    got = pf.read_many(idx)
+    for k, i in enumerate(idx):
+        np.testing.assert_array_equal(got[k], pf.read(i))
+
+
+def test_patch_stage_memory_does_not_grow_with_slide_size(tmp_path, monkeypatch):
+    """A slide with ~6× the patches needs no more memory while patches are read and written: bounded
+    bands + 2 write batches, nothing kept per patch. (Bands and batches are made small here so that
+    per-patch growth would show; the low-res tissue stage scales with the slide's area at detection_mpp.)"""
+    import tracemalloc
+
+    monkeypatch.setattr(slide_tiler, "MAX_BAND_PIXELS", 224 * 224)  # one-patch bands in both slides
+    monkeypatch.setattr(slide_tiler, "WRITE_BATCH", 2)  # several batches even in the small slide
+    stream, peaks = slide_tiler._stream_patches, []
+
+    def measured(*args, **kwargs):
+        tracemalloc.start()
+        try:
+            return stream(*args, **kwargs)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(slide_tiler, "_stream_patches", measured)
+    counts = []
+    for name, (h, w) in {"small": (1024, 1536), "large": (2048, 3072)}.items():
+        slide = write_synthetic_slide(tmp_path / f"{name}.tiff", h, w, mpp=0.5)
+        counts.append(tile_slide(slide, tmp_path / f"{name}.h5", make_cfg(codec="raw")).n_patches)
+    assert counts[1] > 3 * counts[0] and counts[1] - counts[0] > 20
+    assert peaks[1] < peaks[0] + 300e3, (peaks, counts)  # 20 extra patches kept would be 3 MB
+
+
+def test_slide_smaller_than_a_patch(tmp_path):
+    res = tile_slide(shared_path("wsi", "openslide-fixtures", "small.svs"), tmp_path / "s.h5", make_cfg())
+    assert res.n_patches == 0 and "smaller than one patch" in res.warnings[0]
+    assert len(PatchFile(tmp_path / "s.h5")) == 0
+
+
+def test_plain_png_through_image_reader(tmp_path):
+    from PIL import Image
+
+    from _tile_fixtures import synthetic_he
+
+    img = synthetic_he(1200, 1600)
+    path = tmp_path / "plain.png"
+    Image.fromarray(img).save(path, dpi=(25400 / 0.5, 25400 / 0.5))  # 0.5 µm/px
+    res = tile_slide(path, tmp_path / "plain.h5", make_cfg(codec="raw"))
+    pf = PatchFile(tmp_path / "plain.h5")
+    assert pf.attrs["reader"] == "image" and res.mpp_source == "header:tiff.XResolution" and res.n_patches > 5
+    for i, (x, y) in enumerate(pf.coords()):
+        np.testing.assert_array_equal(pf.read(i), img[y:y + 224, x:x + 224])

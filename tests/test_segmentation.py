@@ -126,6 +126,17 @@ def test_exported_encoder_weights_load_into_features_only_model(tmp_path):
         build_segmentation_model(str(tmp_path / "missing" / "backbone.safetensors"), 2)
 
 
+@pytest.mark.parametrize("name", ["test_convnext", "test_vit"])
+def test_other_timm_families_segment_any_size(name, tmp_path):
+    """ConvNeXt stages are renamed by features_only (stages_1); ViTs need multiples of the patch size."""
+    torch.manual_seed(0)
+    export_backbone(create_backbone(name), name, tmp_path / name)
+    model, info = build_segmentation_model(str(tmp_path / name), num_classes=2)
+    assert info["tensors_loaded"] == len(model.encoder.state_dict())
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 70, 90)).shape == (1, 2, 70, 90)
+
+
 def test_frozen_encoder_does_not_change(tmp_path):
     torch.manual_seed(0)
     model, _ = build_segmentation_model("test_resnet", num_classes=2, frozen=True)

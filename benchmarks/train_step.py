@@ -112,8 +112,7 @@ def time_steps(variant: str, args, device: torch.device) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    return {"variant": variant, "step_s": med, "img_per_s": b / med, "kmeans_s": kmeans_s,
+    return {"variant": variant, "times": times, "kmeans_s": kmeans_s,
             "views": f"{method.num_views}x{s}" + (f" + 4x{ls}" if method.needs_local else "")}
 
 
@@ -174,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--queue", type=int, default=16384, help="MoCo / SGCL-queue length")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8 CPU, 30 CUDA)")
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=2, help="passes over the variants (alternating order)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--crop", default="rrc", help="crop policy of the loader benchmark (sgcl.transforms.crops)")
     p.add_argument("--loader-seconds", type=float, default=None)
@@ -204,10 +204,20 @@ def main(argv=None) -> int:
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads'}), "
           f"{args.backbone}, batch {args.batch}, global {args.size}px, local {args.local_size}px, {args.precision}, N={args.bank_rows}")
     results: dict = {"args": vars(args), "steps": [], "loader": {}}
-    base = None
-    for variant in args.variants.split(","):
-        r = time_steps(variant, args, device)
-        base = base or (r["step_s"] if variant == "moco_v2" else None)
+    variants = args.variants.split(",")
+    runs: dict[str, dict] = {}
+    for rnd in range(args.rounds):  # alternate the order so a shared machine's load drifts hit all alike
+        for variant in (variants if rnd % 2 == 0 else variants[::-1]):
+            r = time_steps(variant, args, device)
+            if variant in runs:
+                runs[variant]["times"] += r["times"]
+            else:
+                runs[variant] = r
+    base = statistics.median(runs["moco_v2"]["times"]) if "moco_v2" in runs else None
+    for variant in variants:
+        r = runs[variant]
+        r["step_s"] = statistics.median(r.pop("times"))
+        r["img_per_s"] = args.batch / r["step_s"]
         r["ratio_to_moco_v2"] = r["step_s"] / base if base else float("nan")
         results["steps"].append(r)
         print(f"  {variant:<15} {r['views']:<18} step {r['step_s'] * 1000:8.1f} ms  {r['img_per_s']:8.1f} img/s  "

@@ -135,3 +135,22 @@ def test_sampler_partitions_ranks_and_resumes_mid_epoch():
     assert resumed.position == 0 and list(resumed) != full
     with pytest.raises(ValueError, match="dataset has 24"):
         ResumableDistributedSampler(24).load_state_dict(state)
+
+
+def test_worker_count_does_not_change_the_batches(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from sgcl.transforms.photometric import PhotometricAugment
+
+    make_cohort(tmp_path / "h5", size=48, codec="jpeg")
+    builder = ViewBuilder(RandomResizedCropPolicy(24), PhotometricAugment())
+    ds = PatchDataset(tmp_path / "h5", SampleTransform(builder, num_views=2), cache_files=2, seed=3)
+    sampler = ResumableDistributedSampler(len(ds), seed=3)
+
+    def batches(workers):
+        loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=collate)
+        return [b["views"][1] for b in loader]
+
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == 4
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))

@@ -183,3 +183,18 @@ def test_schedule_and_optimisers():
         assert build_optimizer(name, param_groups(model, 0.1), 0.1, 0.1) is not None
     with pytest.raises(ValueError, match="unknown optimiser"):
         build_optimizer("rmsprop", param_groups(model, 0.1), 0.1, 0.1)
+
+
+def test_moco_v2_with_gpu_augmentation_bf16_workers_and_accumulation(tiles, tmp_path):
+    # the throughput path (uint8 crops from 2 loader workers, jitter on the device, bf16 autocast,
+    # channels_last, gradient accumulation) runs end to end on the CPU
+    cfg = tiny_config(tmp_path, tiles, "method.name=moco_v2", "method.moco.queue_size=64", "aug.gpu=true",
+                      "train.precision=bf16", "model.channels_last=true", "data.workers=2", "data.batch_size=8",
+                      "train.grad_accum=2", "train.max_steps=3")
+    trainer = Trainer(cfg)
+    rows = trainer.fit()
+    trainer.close()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert trainer.sampler.position == 3 * 2 * 8
+    assert (tmp_path / "export" / "backbone.safetensors").is_file()

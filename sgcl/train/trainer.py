@@ -297,6 +297,13 @@ class Trainer:
                 f"the loss is not finite at step {self.global_step} (epoch {self.sampler.epoch}; {vals}); training stopped and "
                 f"{keep}. Lower optim.lr, raise optim.warmup_epochs, or use train.precision=bf16/fp32 instead of fp16.")
 
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Average logged scalars over the ranks (every rank calls this at the same steps)."""
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.dist.world_size for k, v in zip(keys, t.tolist())}
+
     def fit(self, stop_after_steps: int | None = None) -> list[dict]:
         """Train until ``train.epochs``/``train.max_steps`` (or ``stop_after_steps`` more steps, for tests
         of interruption); returns the logged rows of this process."""
@@ -357,9 +364,12 @@ class Trainer:
                 row = {"step": self.global_step, "epoch": epoch, **terms_acc, "lr": lr,
                        "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
                 terms_acc = {}
+                log_now = self.global_step % cfg.train.log_every == 0 or self.global_step == 1
+                if log_now and self.dist.world_size > 1:
+                    row.update(self._mean_over_ranks({k: v for k, v in row.items() if k not in ("step", "epoch", "lr", "img_per_s")}))
                 if self.dist.is_main:
                     self.history.append(row)
-                    if self.global_step % cfg.train.log_every == 0 or self.global_step == 1:
+                    if log_now:
                         self.logger.log(row)
                 if bar is not None:
                     bar.update(1)
@@ -391,8 +401,12 @@ class Trainer:
         self._log(f"exported the backbone to {path}")
         return path
 
-    def close(self) -> None:
-        self.dataset.close()
+    def close(self, ok: bool = True) -> None:
+        """Release file handles and leave the process group (after a barrier when ``ok``: a failed
+        rank must not wait for the others)."""
+        if hasattr(self, "dataset"):
+            self.dataset.close()
         if self.dist.world_size > 1 and dist.is_initialized():
-            dist.barrier()
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()

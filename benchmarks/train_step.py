@@ -62,58 +62,67 @@ def synthetic_meta(n: int, slides: int = 16) -> DatasetMeta:
 
 
 def method_config(name: str, sgcl_overrides: dict, args) -> MethodConfig:
-    overrides = [f"name={name}", f"sgcl.num_negatives={min(args.bank_rows, 65536)}",
+    overrides = [f"name={name}", f"sgcl.num_negatives={min(args.bank_rows, 65536)}", f"sgcl.kmeans_clusters={args.kmeans_clusters}",
                  f"sgcl.nei_k={min(args.bank_rows // 4, 4096)}", f"moco.queue_size={args.queue}"]
     overrides += [f"sgcl.{k}={v}" for k, v in sgcl_overrides.items()]
     return load_config(MethodConfig, None, overrides)
 
 
-def time_steps(variant: str, args, device: torch.device) -> dict:
-    name, sgcl_over = VARIANTS[variant]
-    torch.manual_seed(0)
-    cfg = method_config(name, sgcl_over, args)
-    method = build_method(cfg, create_backbone(args.backbone)).to(device)
-    if args.channels_last:
-        method.to(memory_format=torch.channels_last)
-    method.on_train_start(synthetic_meta(args.bank_rows))
-    t0 = time.perf_counter()
-    method.on_epoch_start(0)
-    kmeans_s = time.perf_counter() - t0
-    method.train()
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    b, s, ls = args.batch, args.size, args.local_size
-    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+class StepRunner:
+    """One method with its optimiser and a synthetic batch; ``run(k)`` times ``k`` training steps."""
 
-    def images(n: int, size: int) -> torch.Tensor:
-        return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=mf)
+    def __init__(self, variant: str, args, device: torch.device):
+        name, sgcl_over = VARIANTS[variant]
+        torch.manual_seed(0)
+        self.variant, self.args, self.device = variant, args, device
+        cfg = method_config(name, sgcl_over, args)
+        method = build_method(cfg, create_backbone(args.backbone)).to(device)
+        if args.channels_last:
+            method.to(memory_format=torch.channels_last)
+        method.on_train_start(synthetic_meta(args.bank_rows))
+        t0 = time.perf_counter()
+        method.on_epoch_start(0)
+        self.kmeans_s = time.perf_counter() - t0
+        method.train()
+        self.method = method
+        self.opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        b, s, ls = args.batch, args.size, args.local_size
+        mf = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    batch = {"views": [images(b, s) for _ in range(method.num_views)],
-             "index": torch.randperm(args.bank_rows)[:b].to(device)}
-    batch["slide"] = torch.zeros(b, dtype=torch.long, device=device)
-    batch["grid"] = torch.zeros(b, 2, dtype=torch.long, device=device)
-    if method.needs_local:
-        batch["local"] = images(4 * b, ls)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = method(batch, 1, step)
-        scaler.scale(out["loss"]).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        method.on_after_step(out)
-        batch["index"] = torch.randperm(args.bank_rows)[:b].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t)
-    return {"variant": variant, "times": times, "kmeans_s": kmeans_s,
-            "views": f"{method.num_views}x{s}" + (f" + 4x{ls}" if method.needs_local else "")}
+        def images(n: int, size: int) -> torch.Tensor:
+            return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=mf)
+
+        self.batch = {"views": [images(b, s) for _ in range(method.num_views)],
+                      "index": torch.randperm(args.bank_rows)[:b].to(device),
+                      "slide": torch.zeros(b, dtype=torch.long, device=device),
+                      "grid": torch.zeros(b, 2, dtype=torch.long, device=device)}
+        if method.needs_local:
+            self.batch["local"] = images(4 * b, ls)
+        self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.views = f"{method.num_views}x{s}" + (f" + 4x{ls}" if method.needs_local else "")
+        self.times: list[float] = []
+        self.step = 0
+
+    def run(self, k: int, record: bool = True) -> None:
+        m, dev = self.method, self.device
+        for _ in range(k):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+                out = m(self.batch, 1, self.step)
+            self.scaler.scale(out["loss"]).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            m.on_after_step(out)
+            self.batch["index"] = torch.randperm(self.args.bank_rows)[: self.args.batch].to(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            self.step += 1
+            if record:
+                self.times.append(time.perf_counter() - t)
 
 
 def tile_demo(folder: Path, patch_size: int) -> Path:
@@ -173,7 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--queue", type=int, default=16384, help="MoCo / SGCL-queue length")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8 CPU, 30 CUDA)")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=2, help="passes over the variants (alternating order)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved passes over the variants (alternating order)")
+    p.add_argument("--kmeans-clusters", type=int, default=None, help="SGCL k-means clusters (default 1000 CUDA, 100 CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--crop", default="rrc", help="crop policy of the loader benchmark (sgcl.transforms.crops)")
     p.add_argument("--loader-seconds", type=float, default=None)
@@ -191,7 +201,8 @@ def main(argv=None) -> int:
     args.batch = args.batch or (128 if cuda else 32)
     args.size = args.size or (224 if cuda else 112)
     args.local_size = args.local_size or max(16, round(args.size * 96 / 224))
-    args.steps = args.steps or (30 if cuda else 8)
+    args.steps = args.steps or (40 if cuda else 8)
+    args.kmeans_clusters = args.kmeans_clusters or (1000 if cuda else 100)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.loader_seconds = args.loader_seconds or (5.0 if cuda else 3.0)
     if args.threads:
@@ -205,14 +216,14 @@ def main(argv=None) -> int:
           f"{args.backbone}, batch {args.batch}, global {args.size}px, local {args.local_size}px, {args.precision}, N={args.bank_rows}")
     results: dict = {"args": vars(args), "steps": [], "loader": {}}
     variants = args.variants.split(",")
-    runs: dict[str, dict] = {}
-    for rnd in range(args.rounds):  # alternate the order so a shared machine's load drifts hit all alike
+    runners = {v: StepRunner(v, args, device) for v in variants}
+    for r in runners.values():
+        r.run(args.warmup, record=False)
+    per_round = max(1, args.steps // args.rounds)
+    for rnd in range(args.rounds):  # interleave so a shared machine's load drifts hit every variant alike
         for variant in (variants if rnd % 2 == 0 else variants[::-1]):
-            r = time_steps(variant, args, device)
-            if variant in runs:
-                runs[variant]["times"] += r["times"]
-            else:
-                runs[variant] = r
+            runners[variant].run(per_round)
+    runs = {v: {"variant": v, "views": r.views, "kmeans_s": r.kmeans_s, "times": r.times} for v, r in runners.items()}
     base = statistics.median(runs["moco_v2"]["times"]) if "moco_v2" in runs else None
     for variant in variants:
         r = runs[variant]

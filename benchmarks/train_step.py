@@ -138,17 +138,10 @@ def tile_demo(folder: Path, patch_size: int) -> Path:
 
 
 def loader_rate(h5: Path, aug: AugConfig, num_views: int, needs_local: bool, seconds: float) -> float:
-    """Patches/s of one loader worker: dataset[i] = read + decode + views + jitter + to-tensor."""
-    from sgcl.data.dataset import PatchDataset
-    from sgcl.train.trainer import build_sample_transform
-
-    ds = PatchDataset(h5, build_sample_transform(aug, num_views, needs_local))
-    n, i, t0 = 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 20:
-        ds[i % len(ds)]
-        i += 7
-        n += 1
-    return n / (time.perf_counter() - t0)
+    """Patches/s of one loader worker process (read + decode + views + jitter + to-tensor + collate),
+    measured through a DataLoader with one worker, as in training (torch uses 1 thread there)."""
+    batches = max(4, int(seconds * 4))
+    return dataloader_rate(h5, aug, num_views, needs_local, 1, 16, batches)
 
 
 def dataloader_rate(h5: Path, aug: AugConfig, num_views: int, needs_local: bool, workers: int, batch: int, batches: int) -> float:
@@ -189,7 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--loader-seconds", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="also time a real DataLoader with this many workers")
     p.add_argument("--no-loader", action="store_true")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on for CUDA, off for the CPU (CPU BatchNorm is slow in channels_last)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -203,6 +197,8 @@ def main(argv=None) -> int:
     args.local_size = args.local_size or max(16, round(args.size * 96 / 224))
     args.steps = args.steps or (40 if cuda else 8)
     args.kmeans_clusters = args.kmeans_clusters or (1000 if cuda else 100)
+    if args.channels_last is None:
+        args.channels_last = cuda
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.loader_seconds = args.loader_seconds or (5.0 if cuda else 3.0)
     if args.threads:

@@ -142,7 +142,12 @@ def test_worker_count_does_not_change_the_batches(tmp_path):
 
     from sgcl.transforms.photometric import PhotometricAugment
 
-    make_cohort(tmp_path / "h5", size=48, codec="jpeg")
+    rng = np.random.default_rng(0)
+    (tmp_path / "h5").mkdir()
+    for s in range(3):  # textured JPEG patches (the tiler's default codec)
+        imgs = rng.integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+        grid = np.stack([np.arange(5), np.zeros(5, int)], 1)
+        write_patch_file(tmp_path / "h5" / f"s{s}.h5", imgs, grid * 48, grid, codec="jpeg")
     builder = ViewBuilder(RandomResizedCropPolicy(24), PhotometricAugment())
     ds = PatchDataset(tmp_path / "h5", SampleTransform(builder, num_views=2), cache_files=2, seed=3)
     sampler = ResumableDistributedSampler(len(ds), seed=3)

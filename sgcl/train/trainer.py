@@ -158,9 +158,13 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         if cfg.model.sync_bn and self.dist.world_size > 1:
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            if self.device.type == "cpu":  # PyTorch's SyncBatchNorm runs on GPUs only
+                self._log("model.sync_bn ignored on the CPU (SyncBatchNorm needs GPUs); BatchNorm stays per process")
+            else:
+                method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         method.to(self.device)
-        if cfg.model.channels_last:
+        self.channels_last = cfg.model.channels_last and self.device.type == "cuda"  # CPU BatchNorm is slow in it
+        if self.channels_last:
             method.to(memory_format=torch.channels_last)
         method.on_train_start(self.dataset.meta(cfg.method.sgcl.radius))
         if cfg.model.compile:
@@ -265,7 +269,7 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         nb = self.device.type == "cuda"
-        mf = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        mf = torch.channels_last if self.channels_last else torch.contiguous_format
 
         def images(x: torch.Tensor) -> torch.Tensor:
             x = x.to(self.device, non_blocking=nb)
@@ -379,6 +383,8 @@ class Trainer:
                     self.save()
                 if self.global_step >= stop_at:
                     finished = True
+                    break
+                if end_of_epoch:
                     break
             if not finished:
                 epoch += 1

@@ -4,7 +4,8 @@
 positives excluded), keep the top ``⌈frac·N⌉`` in decreasing order, and pick ``k`` rank
 positions — shared by the batch, without replacement — from a Beta(a, b) density over those
 positions (Beta(5, 15) skips the hardest, likely false, negatives). ``hardest`` takes the top
-``k``; ``uniform`` draws ``k`` candidates uniformly and masks self/positives out.
+``k``; ``uniform`` draws ``k`` candidates uniformly (with replacement, O(k) at any N) and masks
+self/positives out.
 Rank positions come from a seeded generator, so every rank (and a single process with the
 whole batch) draws the same ones.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 from sgcl.memory.bank import chunked_topk
@@ -35,16 +37,29 @@ def beta_rank_weights(length: int, a: float = 5.0, b: float = 15.0) -> torch.Ten
 
 
 def sample_rank_positions(length: int, k: int, mode: Mining, a: float, b: float, generator: torch.Generator) -> torch.Tensor:
-    """``min(k, length)`` sorted rank positions in ``[0, length)`` (CPU int64)."""
+    """``min(k, length)`` distinct sorted rank positions in ``[0, length)`` (CPU int64).
+
+    ``semi_hard``: exact Beta(a, b) bin probabilities with ``torch.multinomial`` (without
+    replacement) up to 2^24 positions; beyond that (``frac·N`` of a 100M-row bank) Beta draws are
+    binned and deduplicated until ``k`` distinct positions are found.
+    """
     k = min(int(k), int(length))
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
     if mode == "hardest":
         return torch.arange(k)
-    if mode == "semi_hard":
+    if mode != "semi_hard":
+        raise ValueError(f"rank positions are only drawn for semi_hard/hardest, got {mode!r}")
+    if length <= 2**24:
         w = beta_rank_weights(length, a, b)
         return torch.multinomial(w.float(), k, replacement=False, generator=generator).sort().values
-    raise ValueError(f"rank positions are only drawn for semi_hard/hardest, got {mode!r}")
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    picked = np.zeros(0, dtype=np.int64)
+    while picked.size < k:
+        draw = np.minimum((rng.beta(a, b, size=2 * k) * length).astype(np.int64), length - 1)
+        picked = np.unique(np.concatenate([picked, draw]))
+    picked = rng.permutation(picked)[:k]
+    return torch.from_numpy(np.sort(picked))
 
 
 def _is_excluded(cand: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
@@ -69,15 +84,21 @@ def mine_negatives(
     generator: torch.Generator | None = None,
     chunk: int = 0,
     valid: torch.Tensor | None = None,
+    pool: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative indices into ``keys`` for each row of ``query``.
 
     ``query`` (B, F) and ``keys`` (N, F) are the unit-norm features used for *ranking* (SGCL:
     backbone features and the backbone bank). ``exclude`` (B, E) int64 (−1 padded): self and
     positives. ``valid`` (N,) bool marks usable keys (e.g. filled queue slots).
+    ``pool > 0``: rank within ``pool`` rows drawn uniformly (shared by the batch) instead of all N,
+    so time and memory stay bounded at 50M rows; the rank positions keep the same Beta shape
+    over the pool's top ``⌈frac·pool⌉``, i.e. the same similarity quantiles in expectation.
     Returns ``(index (B, k'), mask (B, k'))``; masked entries are not negatives.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    if pool > 0 and pool < keys.shape[0] and mode != "uniform":
+        return _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool)
     n = keys.shape[0]
     device = query.device
     if valid is not None:
@@ -86,7 +107,7 @@ def mine_negatives(
             exclude = torch.cat([exclude, bad.unsqueeze(0).expand(query.shape[0], -1).to(exclude.device)], 1)
     if mode == "uniform":
         kk = min(int(k), n)
-        cand = torch.randperm(n, generator=gen)[:kk].to(device).unsqueeze(0).expand(query.shape[0], -1).contiguous()
+        cand = torch.randint(0, n, (kk,), generator=gen).to(device).unsqueeze(0).expand(query.shape[0], -1).contiguous()
         return cand, ~_is_excluded(cand, exclude.to(device))
     length = max(1, math.ceil(frac * n)) if mode == "semi_hard" else min(int(k), n)
     positions = sample_rank_positions(length, k, mode, a, b, gen).to(device)
@@ -98,3 +119,15 @@ def mine_negatives(
     idx = top_i[:, positions]
     mask = torch.isfinite(top_v[:, positions])
     return idx, mask
+
+
+def _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool):
+    n = keys.shape[0]
+    device = query.device
+    rows = torch.randint(0, n, (int(pool),), generator=gen).unique().to(device)  # sorted, distinct
+    ex = exclude.to(device)
+    pos = torch.searchsorted(rows, ex.clamp_min(0)).clamp_max(rows.numel() - 1)
+    local_ex = torch.where((ex >= 0) & (rows[pos] == ex), pos, torch.full_like(ex, -1))
+    sub_valid = None if valid is None else valid.to(device)[rows]
+    idx, mask = mine_negatives(query, keys.index_select(0, rows), local_ex, k, mode, frac, a, b, gen, chunk, sub_valid, pool=0)
+    return rows[idx], mask

@@ -10,6 +10,7 @@ and slide edges, where the missing cells simply have no patch.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -89,10 +90,12 @@ class SpatialIndex:
         return int(self.slide_of.shape[0])
 
     def to(self, device: torch.device | str) -> "SpatialIndex":
+        """A copy on ``device`` (the original, e.g. the dataset's, stays where it is)."""
+        other = copy.copy(self)
         for name in ("slide_of", "grid_of", "_origin", "sorted_keys", "order"):
-            setattr(self, name, getattr(self, name).to(device))
-        self._offsets = {}
-        return self
+            setattr(other, name, getattr(self, name).to(device))
+        other._offsets = {}
+        return other
 
     def offsets(self, radius: float | None = None) -> torch.Tensor:
         r = self.radius if radius is None else float(radius)

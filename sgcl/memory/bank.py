@@ -107,21 +107,25 @@ def chunked_topk(
     k = min(int(k), n)
     size = n if chunk <= 0 else int(chunk)
     q = q.detach().float()
+    half_ok = q.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
+    q_half = q.to(keys.dtype) if half_ok else None
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for s in range(0, n, size):
         block = keys[s : s + size]
-        sims = q @ block.float().t()
+        # fp16/bf16 banks on the GPU: multiply in their own precision (ranking only), no fp32 copy
+        sims = (q_half @ block.t()).float() if half_ok else q @ block.float().t()
         if exclude is not None and exclude.numel():
             hit = (exclude >= s) & (exclude < s + block.shape[0])
             r, c = hit.nonzero(as_tuple=True)
             sims[r, exclude[r, c] - s] = float("-inf")
-        idx = torch.arange(s, s + block.shape[0], device=q.device).expand(q.shape[0], -1)
+        # top-k inside the chunk first, then merge two short lists (no B×chunk index tensor)
+        v, i = sims.topk(min(k, sims.shape[1]), dim=1)
+        i = i + s
         if best_v is not None:
-            sims = torch.cat([best_v, sims], dim=1)
-            idx = torch.cat([best_i, idx], dim=1)
-        kk = min(k, sims.shape[1])
-        best_v, pos = sims.topk(kk, dim=1)
-        best_i = idx.gather(1, pos)
+            merged = torch.cat([best_v, v], dim=1)
+            v, pos = merged.topk(min(k, merged.shape[1]), dim=1)
+            i = torch.cat([best_i, i], dim=1).gather(1, pos)
+        best_v, best_i = v, i
     assert best_v is not None and best_i is not None
     return best_v, best_i

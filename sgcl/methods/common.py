@@ -27,6 +27,12 @@ def make_head(cfg: MethodConfig, in_dim: int) -> ProjectionHead:
     return ProjectionHead(in_dim, hidden, cfg.proj_dim, num_layers=cfg.proj_layers, batch_norm=cfg.proj_batch_norm)
 
 
+def autocast_off(device: torch.device):
+    """Context in which similarities and losses run in fp32 even inside the trainer's autocast
+    (exp(s/0.07) and cosine differences of 1e-3 do not survive bf16/fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """CPU generator seeded from (seed, step, salt): the same draws on every rank."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7919 + int(salt)) % (2**63 - 1))

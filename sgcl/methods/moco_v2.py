@@ -13,7 +13,7 @@ from torch import nn
 from sgcl.losses.info_nce import info_nce
 from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
-from sgcl.methods.common import MomentumEncoder, make_head, num_features, step_generator
+from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
 from sgcl.methods.config import MethodConfig
 
 
@@ -30,17 +30,20 @@ class MoCoV2(PretrainMethod):
 
     def on_train_start(self, meta: DatasetMeta) -> None:
         self.key_encoder.reset(self.backbone, self.head)
+        # the queue is kept identical on all ranks by all-gathered enqueues: DDP need not re-broadcast it
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if n.startswith("queue.")]
 
     def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
         x_q, x_k = batch["views"][0], batch["views"][1]
         q = F.normalize(self.head(self.backbone(x_q)).float(), dim=1)
         k, _ = self.key_encoder(x_k, shuffle_bn=self.cfg.moco.shuffle_bn, generator=step_generator(self.cfg.seed, step, 11))
-        loss = info_nce(q, k, self.queue.keys.detach(), self.cfg.tau_head)
+        with autocast_off(q.device):
+            loss = info_nce(q, k, self.queue.keys.detach(), self.cfg.tau_head)
         if self.training:
             self._pending.append((k.detach(), batch["index"].detach()))
         with torch.no_grad():
             pos = (q * k).sum(1).mean()
-            neg = (q @ self.queue.keys.float().t()).mean()
+            neg = (q @ self.queue.keys[:1024].float().t()).mean()  # a sample of the queue: logging only
         return {"loss": loss, "loss_instance": loss.detach(), "pos_sim": pos, "neg_sim": neg}
 
     @torch.no_grad()

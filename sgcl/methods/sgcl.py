@@ -40,7 +40,7 @@ from sgcl.losses.ramp import sigmoid_rampup
 from sgcl.memory.bank import MemoryBank, chunked_topk
 from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
-from sgcl.methods.common import MomentumEncoder, make_head, num_features, step_generator
+from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
 from sgcl.methods.config import MethodConfig
 from sgcl.mining import mine_negatives
 
@@ -116,6 +116,7 @@ class SGCL(PretrainMethod):
             if s.inter_term:
                 c = effective_clusters(cfg.moco.queue_size, s.kmeans_clusters)
                 self.register_buffer("centroids", torch.zeros(s.kmeans_runs, c, cfg.proj_dim, device=device))
+                self.register_buffer("has_centroids", torch.tensor(False, device=device))
         else:
             self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed).to(device)
             if self.ranks_by_backbone:
@@ -127,7 +128,26 @@ class SGCL(PretrainMethod):
             if s.inter_term:
                 c = effective_clusters(n, s.kmeans_clusters)
                 gen = torch.Generator().manual_seed(cfg.seed + 7)
-                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen).to(device))
+                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen, dtype=torch.int32).to(device))
+        self._log_memory(n)
+        # Banks, queues and labels are kept identical on every rank by all-gathered updates and
+        # broadcasts; DDP must not re-broadcast them from rank 0 at every forward (GBs at scale).
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "has_centroids", "clustered_epoch")
+        ]
+
+    def _log_memory(self, n: int) -> None:
+        from sgcl.memory.estimate import estimate_memory, human, persistent_bytes
+
+        parts = estimate_memory(self.cfg, n, self.feat_dim)
+        total = persistent_bytes(parts)
+        log.info("SGCL (%s mode) state for %d patches: %s (%s)", self.cfg.sgcl.bank, n, human(total),
+                 ", ".join(f"{k} {human(v)}" for k, v in parts.items()))
+        if not self.queue_mode and total > 16 * 2**30:
+            log.warning(
+                "SGCL memory-bank state is %s for %d patches; consider method.sgcl.bank=queue (constant memory), "
+                "method.sgcl.bank_dtype=float16 or method.sgcl.mining_pool=1000000 (see docs/memory.md)", human(total), n,
+            )
 
     def on_epoch_start(self, epoch: int) -> None:
         """Re-cluster (rank 0, broadcast) once per epoch; skipped when resuming inside an epoch
@@ -138,15 +158,32 @@ class SGCL(PretrainMethod):
         if self.queue_mode:
             valid = self.queue.valid()
             n_valid = int(valid.sum())
-            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: keep no clusters
+            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: no clusters this epoch
+                self.clustered_epoch.fill_(int(epoch))      # decided for this epoch (a resume must agree)
                 return
             keys = self.queue.keys[valid].float()
             c = fit_and_broadcast_centroids(keys, self.centroids, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
+            self.has_centroids.fill_(True)
             log.info("epoch %d: k-means on %d queued keys, %d clusters × %d runs", epoch, n_valid, c, s.kmeans_runs)
         else:
             c = fit_and_broadcast(self.bank.weight, self.clusters, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
             log.info("epoch %d: k-means on the %d-row bank, %d clusters × %d runs", epoch, self.bank.num_rows, c, s.kmeans_runs)
         self.clustered_epoch.fill_(int(epoch))
+
+    def extra_state(self) -> dict:
+        """What the buffers were built for; checked on resume (the buffers themselves are in the state_dict)."""
+        return {"num_patches": self.num_patches, "bank": self.cfg.sgcl.bank, "proj_dim": self.cfg.proj_dim}
+
+    def load_extra_state(self, state: dict) -> None:
+        if not state:
+            return
+        if self.num_patches and int(state.get("num_patches", self.num_patches)) != self.num_patches:
+            raise ValueError(
+                f"the checkpoint's SGCL banks hold {state['num_patches']} patches but the dataset has {self.num_patches}: "
+                "resume with the same HDF5 files (same order), or start a new run"
+            )
+        if state.get("bank", self.cfg.sgcl.bank) != self.cfg.sgcl.bank:
+            raise ValueError(f"the checkpoint used sgcl.bank={state['bank']!r}, this run sgcl.bank={self.cfg.sgcl.bank!r}")
 
     # ---------------------------------------------------------------- forward
     def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
@@ -174,49 +211,61 @@ class SGCL(PretrainMethod):
         s, cfg = self.cfg.sgcl, self.cfg
         idx = batch["index"].to(self.bank.weight.device).long()
         q, hb, u = self._encode(batch)
-        n = self.bank.num_rows
-        out: dict[str, torch.Tensor] = {}
-        loss = q.new_zeros(())
-        if s.self_term:
-            neg = torch.randint(0, n, (s.num_negatives,), generator=step_generator(cfg.seed, step, 1)).to(q.device)
-            l_single = npid_loss(q, self.bank.rows(idx), self.bank.rows(neg), cfg.tau_head)
-            loss = loss + s.lambda_single * l_single
-            out["loss_single"] = l_single.detach()
-        if self.uses_spatial_loss:
-            pos_idx, pos_mask, diag = self._positives_memory(q, idx)
-            pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
-            exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
-            if self.ranks_by_backbone:
-                rank_q, rank_keys = hb, self.bank_b.weight
-            else:
-                rank_q, rank_keys = q, self.bank.weight
-            neg_idx, neg_mask = mine_negatives(
-                rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-                generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
-            )
-            neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
-            l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
-            w = sigmoid_rampup(epoch, s.rampup_epochs)
-            loss = loss + s.lambda_spatial * w * l_sp
-            out["loss_spatial"] = (w * l_sp).detach()
-            out["loss_spatial_raw"] = l_sp.detach()
-            out["ramp_weight"] = torch.tensor(w)
-            out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
-            out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_mask)
-            out.update(diag)
-        if s.inner_term:
-            assert u is not None
-            b = q.shape[0]
-            per = max(1, s.num_negatives // 4)
-            gen = step_generator(cfg.seed, step, 3)
-            negs = torch.cat([bank.rows(torch.randint(0, n, (per,), generator=gen).to(q.device)) for bank in self.local_banks])
-            l_m = torch.stack([npid_loss(u[c * b : (c + 1) * b], self.local_banks[c].rows(idx), negs, cfg.tau_head) for c in range(4)]).mean()
-            loss = loss + s.lambda_inner * l_m
-            out["loss_mcrop"] = l_m.detach()
-        if self.training:
-            self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
-        out["loss"] = loss
+        with autocast_off(q.device):
+            n = self.bank.num_rows
+            out: dict[str, torch.Tensor] = {}
+            loss = q.new_zeros(())
+            if s.self_term:
+                neg = torch.randint(0, n, (s.num_negatives,), generator=step_generator(cfg.seed, step, 1)).to(q.device)
+                l_single = npid_loss(q, self.bank.rows(idx), self.bank.rows(neg), cfg.tau_head)
+                loss = loss + s.lambda_single * l_single
+                out["loss_single"] = l_single.detach()
+            if self.uses_spatial_loss:
+                pos_idx, pos_mask, neg_idx, neg_mask, diag = self.positive_negative_sets(q, hb, idx, step)
+                pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
+                neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
+                l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
+                w = sigmoid_rampup(epoch, s.rampup_epochs)
+                loss = loss + s.lambda_spatial * w * l_sp
+                out["loss_spatial"] = (w * l_sp).detach()
+                out["loss_spatial_raw"] = l_sp.detach()
+                out["ramp_weight"] = torch.tensor(w)
+                out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
+                out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_mask)
+                out.update(diag)
+            if s.inner_term:
+                assert u is not None
+                b = q.shape[0]
+                per = max(1, s.num_negatives // 4)
+                gen = step_generator(cfg.seed, step, 3)
+                negs = torch.cat([bank.rows(torch.randint(0, n, (per,), generator=gen).to(q.device)) for bank in self.local_banks])
+                l_m = torch.stack([npid_loss(u[c * b : (c + 1) * b], self.local_banks[c].rows(idx), negs, cfg.tau_head) for c in range(4)]).mean()
+                loss = loss + s.lambda_inner * l_m
+                out["loss_mcrop"] = l_m.detach()
+            if self.training:
+                self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
+            out["loss"] = loss
         return out
+
+    @torch.no_grad()
+    def positive_negative_sets(self, q: torch.Tensor, hb: torch.Tensor, idx: torch.Tensor, step: int):
+        """Memory mode: padded positive set ``P_i`` and mined negatives ``H_i`` of each anchor.
+
+        Returns ``(pos_idx, pos_mask, neg_idx, neg_mask, diagnostics)``; all indices are global
+        patch indices. Negatives never contain the anchor or any of its positives.
+        """
+        s, cfg = self.cfg.sgcl, self.cfg
+        pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+        exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
+        if self.ranks_by_backbone:
+            rank_q, rank_keys = hb, self.bank_b.weight
+        else:
+            rank_q, rank_keys = q, self.bank.weight
+        neg_idx, neg_mask = mine_negatives(
+            rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
+            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk, pool=s.mining_pool,
+        )
+        return pos_idx, pos_mask, neg_idx, neg_mask, diag
 
     @torch.no_grad()
     def _positives_memory(self, q: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -235,9 +284,9 @@ class SGCL(PretrainMethod):
             clusters = self.clusters
             k = min(s.nei_k, self.bank.num_rows)
             # anchor's own candidates: top-k of q·V, anchor excluded
-            _, cand = chunked_topk(q, self.bank.weight, k, chunk=s.sim_chunk, exclude=idx.unsqueeze(1))
+            cand_v, cand = chunked_topk(q, self.bank.weight, k, chunk=s.sim_chunk, exclude=idx.unsqueeze(1))
             ok = (clusters[:, cand] == clusters[:, idx].unsqueeze(2)).all(0)
-            ok &= cand != idx.unsqueeze(1)
+            ok &= (cand != idx.unsqueeze(1)) & torch.isfinite(cand_v)
             se_i, se_m = [cand], [ok]
             if s.aux_num > 0 and true_nb.any():
                 a = min(s.aux_num, nb.index.shape[1])
@@ -247,10 +296,10 @@ class SGCL(PretrainMethod):
                 aux_ok = torch.isfinite(top_v)                      # rows/slots with a real neighbour
                 aux_feat = self.bank.rows(aux.reshape(-1))          # (B·a, D)
                 excl = torch.stack([aux.reshape(-1), idx.repeat_interleave(a)], 1)
-                _, cand_a = chunked_topk(aux_feat, self.bank.weight, k, chunk=s.sim_chunk, exclude=excl)
+                cand_av, cand_a = chunked_topk(aux_feat, self.bank.weight, k, chunk=s.sim_chunk, exclude=excl)
                 flat_aux = aux.reshape(-1)
                 ok_a = (clusters[:, cand_a] == clusters[:, flat_aux].unsqueeze(2)).all(0)
-                ok_a &= aux_ok.reshape(-1, 1)
+                ok_a &= aux_ok.reshape(-1, 1) & torch.isfinite(cand_av)
                 ok_a &= cand_a != idx.repeat_interleave(a).unsqueeze(1)  # the anchor never re-enters
                 b = idx.shape[0]
                 se_i.append(cand_a.reshape(b, a * k))
@@ -277,58 +326,59 @@ class SGCL(PretrainMethod):
         idx = batch["index"].long().to(self.queue.keys.device)
         q, hb, u = self._encode(batch)
         k, hk = self.key_encoder(batch["views"][1], shuffle_bn=cfg.moco.shuffle_bn, generator=step_generator(cfg.seed, step, 11))
-        out: dict[str, torch.Tensor] = {}
-        loss = q.new_zeros(())
-        queue_keys = self.queue.keys.detach()
-        if s.self_term:
-            l_single = info_nce(q, k, queue_keys, cfg.tau_head)
-            loss = loss + s.lambda_single * l_single
-            out["loss_single"] = l_single.detach()
-        slide = self.spatial.slide_of[idx] if self.spatial is not None else batch["slide"].long().to(idx.device)
-        grid = self.spatial.grid_of[idx] if self.spatial is not None else batch["grid"].long().to(idx.device)
-        if self.uses_spatial_loss:
-            # candidates: keys of the whole (gathered) batch, then the filled queue slots
-            valid = self.queue.valid()
-            cand_k = torch.cat([concat_all_gather(k), queue_keys[valid].float()])
-            cand_i = torch.cat([concat_all_gather(idx), self.queue.index[valid]])
-            cand_s = torch.cat([concat_all_gather(slide), self.queue.extra("slide")[valid]])
-            cand_g = torch.cat([concat_all_gather(grid), self.queue.extra("grid")[valid]])
-            pos_mask, fallback, diag = self._positives_queue(q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g)
-            sim = q @ cand_k.t()                                              # (B, M), grad through q
-            pos_sim = torch.cat([sim, (q * k).sum(1, keepdim=True)], 1)        # last column: own key (fallback)
-            pos_m = torch.cat([pos_mask, fallback.unsqueeze(1)], 1)
-            m = cand_k.shape[0]
-            ar = torch.arange(m, device=q.device).expand(q.shape[0], -1)
-            exclude = torch.where(pos_mask | (cand_i.unsqueeze(0) == idx.unsqueeze(1)), ar, torch.full_like(ar, -1))
-            if self.ranks_by_backbone:
-                cand_f = torch.cat([concat_all_gather(hk), self.queue.extra("feat")[valid].float()])
-                rank_q = hb
-            else:
-                cand_f, rank_q = cand_k, q
-            neg_idx, neg_mask = mine_negatives(
-                rank_q, cand_f, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-                generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
-            )
-            neg_sim = sim.gather(1, neg_idx)
-            l_sp = multi_positive_nce(pos_sim, pos_m, neg_sim, neg_mask, cfg.T_spatial, s.denominator, m)
-            w = sigmoid_rampup(epoch, s.rampup_epochs)
-            loss = loss + s.lambda_spatial * w * l_sp
-            out["loss_spatial"] = (w * l_sp).detach()
-            out["loss_spatial_raw"] = l_sp.detach()
-            out["ramp_weight"] = torch.tensor(w)
-            out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
-            out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_m)
-            out.update(diag)
-        if s.inner_term:
-            assert u is not None
-            b = q.shape[0]
-            l_m = info_nce(u, k.repeat(4, 1), queue_keys, cfg.tau_head)  # quadrant c of patch i ↔ key of patch i
-            loss = loss + s.lambda_inner * l_m
-            out["loss_mcrop"] = l_m.detach()
-            del b
-        if self.training:
-            self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
-        out["loss"] = loss
+        with autocast_off(q.device):
+            out: dict[str, torch.Tensor] = {}
+            loss = q.new_zeros(())
+            queue_keys = self.queue.keys.detach()
+            if s.self_term:
+                l_single = info_nce(q, k, queue_keys, cfg.tau_head)
+                loss = loss + s.lambda_single * l_single
+                out["loss_single"] = l_single.detach()
+            slide = self.spatial.slide_of[idx] if self.spatial is not None else batch["slide"].long().to(idx.device)
+            grid = self.spatial.grid_of[idx] if self.spatial is not None else batch["grid"].long().to(idx.device)
+            if self.uses_spatial_loss:
+                # candidates: keys of the whole (gathered) batch, then the filled queue slots
+                valid = self.queue.valid()
+                cand_k = torch.cat([concat_all_gather(k), queue_keys[valid].float()])
+                cand_i = torch.cat([concat_all_gather(idx), self.queue.index[valid]])
+                cand_s = torch.cat([concat_all_gather(slide), self.queue.extra("slide")[valid]])
+                cand_g = torch.cat([concat_all_gather(grid), self.queue.extra("grid")[valid]])
+                pos_mask, fallback, diag = self._positives_queue(q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g)
+                sim = q @ cand_k.t()                                              # (B, M), grad through q
+                pos_sim = torch.cat([sim, (q * k).sum(1, keepdim=True)], 1)        # last column: own key (fallback)
+                pos_m = torch.cat([pos_mask, fallback.unsqueeze(1)], 1)
+                m = cand_k.shape[0]
+                ar = torch.arange(m, device=q.device).expand(q.shape[0], -1)
+                exclude = torch.where(pos_mask | (cand_i.unsqueeze(0) == idx.unsqueeze(1)), ar, torch.full_like(ar, -1))
+                if self.ranks_by_backbone:
+                    cand_f = torch.cat([concat_all_gather(hk), self.queue.extra("feat")[valid].float()])
+                    rank_q = hb
+                else:
+                    cand_f, rank_q = cand_k, q
+                neg_idx, neg_mask = mine_negatives(
+                    rank_q, cand_f, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
+                    generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
+                )
+                neg_sim = sim.gather(1, neg_idx)
+                l_sp = multi_positive_nce(pos_sim, pos_m, neg_sim, neg_mask, cfg.T_spatial, s.denominator, m)
+                w = sigmoid_rampup(epoch, s.rampup_epochs)
+                loss = loss + s.lambda_spatial * w * l_sp
+                out["loss_spatial"] = (w * l_sp).detach()
+                out["loss_spatial_raw"] = l_sp.detach()
+                out["ramp_weight"] = torch.tensor(w)
+                out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
+                out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_m)
+                out.update(diag)
+            if s.inner_term:
+                assert u is not None
+                b = q.shape[0]
+                l_m = info_nce(u, k.repeat(4, 1), queue_keys, cfg.tau_head)  # quadrant c of patch i ↔ key of patch i
+                loss = loss + s.lambda_inner * l_m
+                out["loss_mcrop"] = l_m.detach()
+                del b
+            if self.training:
+                self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
+            out["loss"] = loss
         return out
 
     @torch.no_grad()
@@ -341,7 +391,7 @@ class SGCL(PretrainMethod):
         sp = (cand_s.unsqueeze(0) == slide.unsqueeze(1)) & (d2 > 0) & (d2 < s.radius**2) & not_self
         mask = sp.clone() if s.intra_term else torch.zeros_like(sp)
         n_se = torch.zeros(idx.shape[0], device=idx.device)
-        if s.inter_term and int(self.clustered_epoch) >= 0:
+        if s.inter_term and bool(self.has_centroids):
             lab_c = torch.stack([assign_clusters(cand_k, c) for c in self.centroids])   # (R, M)
             lab_q = torch.stack([assign_clusters(k, c) for c in self.centroids])        # (R, B) anchor = own key
             kk = min(s.nei_k, cand_k.shape[0])

@@ -9,7 +9,7 @@ from torch import nn
 from sgcl.distributed import gather_with_grad, local_slice
 from sgcl.losses.info_nce import nt_xent
 from sgcl.methods.base import PretrainMethod
-from sgcl.methods.common import make_head, num_features
+from sgcl.methods.common import autocast_off, make_head, num_features
 from sgcl.methods.config import MethodConfig
 
 
@@ -32,7 +32,8 @@ class SimCLR(PretrainMethod):
         local = torch.arange(b, device=z.device) + off
         self_index = torch.cat([local, local + n])
         pos_index = torch.cat([local + n, local])
-        loss = nt_xent(z, torch.cat([a1, a2]), pos_index, self_index, self.cfg.simclr.temperature)
+        with autocast_off(z.device):
+            loss = nt_xent(z, torch.cat([a1, a2]), pos_index, self_index, self.cfg.simclr.temperature)
         with torch.no_grad():
             pos = (z1 * z2).sum(1).mean()
         return {"loss": loss, "loss_instance": loss.detach(), "pos_sim": pos}

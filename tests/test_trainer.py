@@ -198,3 +198,16 @@ def test_moco_v2_with_gpu_augmentation_bf16_workers_and_accumulation(tiles, tmp_
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert trainer.sampler.position == 3 * 2 * 8
     assert (tmp_path / "export" / "backbone.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_real_models(path):
+    import timm
+
+    cfg = load_config(PretrainConfig, path, ["data.h5_dir=tiles"])
+    assert timm.is_model(cfg.model.backbone), cfg.model.backbone
+    assert cfg.method.name in ("sgcl", "moco_v2", "simclr")
+    if path.name.startswith("sgcl"):
+        assert cfg.method.name == "sgcl"
+    if "queue" in path.name:
+        assert cfg.method.sgcl.bank == "queue"

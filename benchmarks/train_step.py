@@ -182,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--loader-seconds", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="also time a real DataLoader with this many workers")
     p.add_argument("--no-loader", action="store_true")
+    p.add_argument("--loader-only", action="store_true", help="skip the step timing (loader part only)")
+    p.add_argument("--target-img-s", type=float, default=None,
+                   help="consumption rate to size the loader against (default: the measured model rate)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for CUDA, off for the CPU (CPU BatchNorm is slow in channels_last)")
     p.add_argument("--threads", type=int, default=None)
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads'}), "
           f"{args.backbone}, batch {args.batch}, global {args.size}px, local {args.local_size}px, {args.precision}, N={args.bank_rows}")
     results: dict = {"args": vars(args), "steps": [], "loader": {}}
-    variants = args.variants.split(",")
+    variants = [] if args.loader_only else args.variants.split(",")
     runners = {v: StepRunner(v, args, device) for v in variants}
     for r in runners.values():
         r.run(args.warmup, record=False)
@@ -245,9 +248,10 @@ def main(argv=None) -> int:
         print(f"loader ({args.crop} crops, JPEG patches of the demo slide):")
         for label, rate in rates.items():
             key = "sgcl" if label.startswith("sgcl") else "moco_v2"
-            need = by_variant[key]["img_per_s"] / rate if key in by_variant and "total" not in label else float("nan")
-            results["loader"][label] = {"patches_per_s": rate, "workers_needed": need}
-            extra = f"  -> {need:.1f} workers to feed {by_variant[key]['img_per_s']:.0f} img/s" if need == need else ""
+            consume = args.target_img_s or (by_variant[key]["img_per_s"] if key in by_variant else None)
+            need = consume / rate if consume and "total" not in label else float("nan")
+            results["loader"][label] = {"patches_per_s": rate, "workers_needed": need, "consumption_img_s": consume}
+            extra = f"  -> {need:.2f} workers to feed {consume:.0f} img/s" if need == need else ""
             print(f"  {label:<42} {rate:8.1f} patches/s{extra}")
         if cuda:
             cores = os.cpu_count() or 1

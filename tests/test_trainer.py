@@ -219,7 +219,7 @@ def test_train_step_benchmark_runs_in_its_bf16_mode(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--device", "cpu", "--precision", "bf16",
            "--backbone", "test_resnet", "--batch", "4", "--size", "32", "--bank-rows", "512", "--queue", "64",
            "--steps", "2", "--rounds", "2", "--warmup", "0", "--variants", "moco_v2,sgcl,sgcl-no-inner",
-           "--threads", "1", "--no-loader", "--json", str(out)]
+           "--threads", "1", "--gpu-aug", "--loader-seconds", "0.2", "--json", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -227,3 +227,6 @@ def test_train_step_benchmark_runs_in_its_bf16_mode(tmp_path):
     assert steps["moco_v2"]["ratio_to_moco_v2"] == 1.0
     assert steps["sgcl"]["views"] == "1x32 + 4x16" and steps["sgcl-no-inner"]["views"] == "1x32"
     assert all(r["step_s"] > 0 for r in steps.values())
+    loader = json.loads(out.read_text())["loader"]
+    assert loader["sgcl, aug.gpu (crops only)"]["patches_per_s"] > 0
+    assert loader["sgcl, aug.gpu (crops only)"]["verdict_sgcl"] in ("keeps up", "is the bottleneck")

@@ -51,26 +51,35 @@ def synthetic_meta(n: int, side: int = 64) -> DatasetMeta:
     return DatasetMeta(n, int(slide.max()) + 1, slide, grid)
 
 
-def time_method(cfg: MethodConfig, meta: DatasetMeta, batch: int, feat: int, reps: int) -> float:
-    torch.manual_seed(0)
-    method = build_method(cfg, FeatureBackbone(feat))
-    method.on_train_start(meta)
-    nv = getattr(method, "num_views", 2)
-    times = []
-    for step in range(reps + 1):
-        idx = torch.randint(0, meta.num_patches, (batch,))
-        b = {
-            "views": [torch.randn(batch, feat, 1, 1) for _ in range(nv)],
-            "local": torch.randn(4 * batch, feat, 1, 1),
-            "index": idx, "slide": meta.slide_of[idx], "grid": meta.grid_of[idx],
+class Runner:
+    """One built method and its timings; ``step()`` runs forward, backward and the bank/queue update."""
+
+    def __init__(self, cfg: MethodConfig, meta: DatasetMeta, batch: int, feat: int):
+        torch.manual_seed(0)
+        self.meta, self.batch, self.feat = meta, batch, feat
+        self.method = build_method(cfg, FeatureBackbone(feat))
+        self.method.on_train_start(meta)
+        self.times: list[float] = []
+        self.steps = 0
+
+    def step(self, record: bool) -> None:
+        b, m = self.batch, self.method
+        idx = torch.randint(0, self.meta.num_patches, (b,))
+        batch = {
+            "views": [torch.randn(b, self.feat, 1, 1) for _ in range(m.num_views)],
+            "local": torch.randn(4 * b, self.feat, 1, 1),
+            "index": idx, "slide": self.meta.slide_of[idx], "grid": self.meta.grid_of[idx],
         }
         t0 = time.perf_counter()
-        out = method(b, 20, step)
+        out = m(batch, 20, self.steps)
         out["loss"].backward()
-        method.on_after_step(out)
-        if step:  # the first step warms up allocations
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        m.on_after_step(out)
+        self.steps += 1
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+    def median(self) -> float:
+        return sorted(self.times)[len(self.times) // 2]
 
 
 def time_backbone(batch: int, reps: int) -> float:
@@ -128,13 +137,16 @@ def main(argv=None) -> int:
     rows = []
     for n in args.sizes:
         meta = synthetic_meta(n)
-        base = None
-        for label, cfg in variants(n):
-            t = time_method(cfg, meta, args.batch, args.feat, args.reps)
-            base = t if label == "moco_v2" else base
-            row = {"N": n, "variant": label, "ms": t * 1000, "vs_moco_method": t / base, "vs_r18_step": t / backbone_s}
-            rows.append(row)
+        runners = [(label, Runner(cfg, meta, args.batch, args.feat)) for label, cfg in variants(n)]
+        for rnd in range(args.reps + 1):  # interleaved rounds: machine load hits every variant alike
+            for _, r in runners:
+                r.step(record=rnd > 0)
+        base = runners[0][1].median()
+        for label, r in runners:
+            t = r.median()
+            rows.append({"N": n, "variant": label, "ms": t * 1000, "vs_moco_method": t / base, "vs_r18_step": t / backbone_s})
             print(f"N={n:>9,}  {label:<32} {t * 1000:8.1f} ms  ×{t / base:6.2f} MoCo-method  {100 * t / backbone_s:6.1f}% of one r18 fwd+bwd")
+        del runners
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {args.threads} threads, shared",
         "batch": args.batch, "feat_dim": args.feat, "resnet18_fwd_bwd_ms": backbone_s * 1000, "rows": rows,

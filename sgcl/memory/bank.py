@@ -30,7 +30,8 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 class MemoryBank(nn.Module):
     """``num_rows`` × ``dim`` unit-norm rows initialised from a seeded Gaussian (identical on all ranks)."""
 
-    def __init__(self, num_rows: int, dim: int, momentum: float = 0.5, dtype: str | torch.dtype = "float32", seed: int = 0):
+    def __init__(self, num_rows: int, dim: int, momentum: float = 0.5, dtype: str | torch.dtype = "float32", seed: int = 0,
+                 device: torch.device | str | None = None):
         super().__init__()
         if num_rows <= 0 or dim <= 0:
             raise ValueError(f"a memory bank needs num_rows > 0 and dim > 0, got {num_rows}×{dim}")
@@ -39,11 +40,13 @@ class MemoryBank(nn.Module):
         self.momentum = float(momentum)
         dtype = resolve_dtype(dtype)
         gen = torch.Generator().manual_seed(int(seed))
-        weight = torch.empty(num_rows, dim, dtype=dtype)
+        # allocated on its device directly and filled in 1M-row blocks: no N-row host copy at 50M rows;
+        # the values depend only on the seed (same on every rank and every device)
+        weight = torch.empty(num_rows, dim, dtype=dtype, device=device)
         step = 1 << 20
-        for s in range(0, num_rows, step):  # bounded temporary memory at 50M rows
+        for s in range(0, num_rows, step):
             e = min(s + step, num_rows)
-            weight[s:e] = F.normalize(torch.randn(e - s, dim, generator=gen), dim=1).to(dtype)
+            weight[s:e] = F.normalize(torch.randn(e - s, dim, generator=gen), dim=1).to(weight.device, dtype)
         self.register_buffer("weight", weight)
 
     @property

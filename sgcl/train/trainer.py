@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-import math
 import os
 import random
 import sys

@@ -230,3 +230,18 @@ def test_train_step_benchmark_runs_in_its_bf16_mode(tmp_path):
     loader = json.loads(out.read_text())["loader"]
     assert loader["sgcl, aug.gpu (crops only)"]["patches_per_s"] > 0
     assert loader["sgcl, aug.gpu (crops only)"]["verdict_sgcl"] in ("keeps up", "is the bottleneck")
+
+
+def test_explicit_resume_path_continues_from_that_checkpoint(tiles, tmp_path):
+    first = ["--config", str(TINY), "--h5-dir", str(tiles / "cmu1.h5"), "--out", str(tmp_path / "a"), "--max-steps", "4",
+             "train.ckpt_every=2", "train.export=false", "train.progress=false"]
+    assert pretrain_main(first) == 0
+    ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
+    assert load_checkpoint(ckpt)["global_step"] == 4
+    second = ["--config", str(TINY), "--h5-dir", str(tiles / "cmu1.h5"), "--out", str(tmp_path / "b"), "--max-steps", "6",
+              "--resume", str(ckpt), "train.progress=false"]
+    assert pretrain_main(second) == 0
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 6]
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["global_step"] == 6
+    assert (tmp_path / "b" / "export" / "backbone.safetensors").is_file()

@@ -133,8 +133,9 @@ class PatchDataset(Dataset):
         self.slide_ids = slide_ids
         counts = np.array([len(g) for g in grids], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.slide_of = np.repeat(np.arange(len(kept), dtype=np.int64), counts)
-        self.grid_of = np.concatenate(grids).astype(np.int64)
+        # int32 grid (4 bytes × 2 per patch: 400 MB at 50M patches, shared copy-on-write by the
+        # workers); the int64 tensors of DatasetMeta are made on demand in meta()
+        self.grid_of = np.concatenate(grids).astype(np.int32)
         self._cache: OrderedDict[int, PatchFile] = OrderedDict()
         self._pid = os.getpid()
 
@@ -155,8 +156,9 @@ class PatchDataset(Dataset):
 
     def meta(self, radius: float = 3.0) -> DatasetMeta:
         """``DatasetMeta`` for ``PretrainMethod.on_train_start`` (spatial index of grid radius ``radius``)."""
-        slide_of = torch.from_numpy(self.slide_of)
-        grid_of = torch.from_numpy(self.grid_of)
+        counts = np.diff(self.offsets)
+        slide_of = torch.from_numpy(np.repeat(np.arange(self.num_slides, dtype=np.int64), counts))
+        grid_of = torch.from_numpy(self.grid_of.astype(np.int64))
         neighbors = None
         try:
             from sgcl.data.neighbors import SpatialIndex
@@ -207,7 +209,7 @@ class PatchDataset(Dataset):
                 raise
             img = self._replacement(index, where, exc)
         slide = where[0]
-        item = {"index": index, "slide": slide, "grid": self.grid_of[index]}
+        item = {"index": index, "slide": slide, "grid": self.grid_of[index].astype(np.int64)}
         if self.transform is None:
             item["image"] = img
             return item

@@ -95,7 +95,12 @@ class PatchWriter:
             encoded = np.empty(k, dtype=object)
             for i, patch in enumerate(imgs):
                 encoded[i] = encode_jpeg(patch, self.quality)
-            self.imgs[start:stop] = encoded
+            if len({len(e) for e in encoded}) == 1:
+                # h5py reads an object array of equal-length buffers as 2-D: write row by row
+                for i, e in enumerate(encoded):
+                    self.imgs[start + i] = e
+            else:
+                self.imgs[start:stop] = encoded
         else:
             self.imgs[start:stop] = np.asarray(imgs, dtype=np.uint8)
         self.coords[start:stop] = np.asarray(coords, dtype=np.int64)

@@ -22,8 +22,11 @@ PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 if [ -n "$WHEEL" ] && [ -f "$WHEEL" ]; then
   "${PIP[@]}" --no-deps "$WHEEL"
 else
-  # No local wheel: the CPU build from PyTorch's own index (about 200 MB instead of the CUDA stack).
-  "${PIP[@]}" --no-deps "torch==2.12.*" --index-url https://download.pytorch.org/whl/cpu
+  # No local CPU wheel of torch<2.13: PyPI's build would pull the CUDA stack (gigabytes). Say so and
+  # let the caller skip the TIAToolbox tests (exit 3) rather than download it.
+  echo "tia_venv: no local CPU torch<2.13 wheel (set SGCL_TORCH_CPU_WHEEL=/path/to/torch-2.1x+cpu.whl);" \
+       "not building the TIAToolbox venv" >&2
+  exit 3
 fi
 # The test runner and sgcl's own light dependencies (its readers run inside this venv too).
 "${PIP[@]}" pytest pytest-timeout h5py

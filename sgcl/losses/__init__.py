@@ -1,0 +1,1 @@
+"""Loss functions as pure functions over tensors."""

@@ -1,0 +1,80 @@
+"""``MethodConfig``: which pretraining method, its heads, temperatures and every SGCL switch.
+
+YAML section ``method:`` of a pretraining config (see ``configs/pretrain/``). Defaults follow the
+runnable SGCL reference (methods.md §1.10) and MoCo v2 / SimCLR (§5.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SGCLConfig:
+    """SGCL terms and their knobs (methods.md §1.4–§1.10). Every term can be switched off."""
+
+    self_term: bool = True        # instance term L_single (NPID against the bank / InfoNCE against the key)
+    intra_term: bool = True       # spatial positives in the same slide
+    inter_term: bool = True       # semantic positives: aux anchor + bank neighbours agreeing in all k-means runs
+    inner_term: bool = True       # quadrant (spatial-guided multi-crop) term L_mcrop
+    radius: float = 3.0           # grid cells: 0 < ‖Δgrid‖₂ < radius (3 → 5×5 window minus centre)
+    aux_num: int = 1              # auxiliary anchors per query (most similar spatial neighbours)
+    nei_k: int = 4096             # candidate neighbours per anchor AND mined negatives per anchor
+    num_negatives: int = 65536    # NPID negatives of the self/inner terms (shared by the batch)
+    kmeans_runs: int = 3
+    kmeans_clusters: int = 1000   # clipped when N is small (at least 4 rows per cluster)
+    kmeans_iters: int = 20
+    kmeans_seed: int = 1234       # run r uses seed + r
+    mining: Literal["semi_hard", "hardest", "uniform"] = "semi_hard"
+    mining_frac: float = 0.2      # semi-hard: rank positions over the top ⌈frac·N⌉
+    beta_a: float = 5.0
+    beta_b: float = 15.0
+    denominator: Literal["faithful", "clean"] = "faithful"  # C_i = N − |P_i| (reference) or 0
+    rampup_epochs: float = 10.0   # w(e) = exp(−5(1 − min(e,R)/R)²)
+    bank_momentum: float = 0.5
+    bank: Literal["memory", "queue"] = "memory"  # NPID bank of N rows, or momentum encoder + queue
+    bank_dtype: Literal["float32", "float16"] = "float32"
+    backbone_bank: bool = True    # N×F backbone bank for semi-hard/hardest ranking (else projection bank ranks)
+    sim_chunk: int = 262144       # rows per chunk of bank similarity (0 = whole bank at once)
+    lambda_single: float = 1.0
+    lambda_spatial: float = 1.0   # multiplies w(e)·L_sp
+    lambda_inner: float = 1.0
+
+
+@dataclass
+class MoCoConfig:
+    """MoCo v2 (and SGCL's queue mode): momentum key encoder + FIFO queue."""
+
+    queue_size: int = 65536
+    momentum: float = 0.999
+    # Shuffle-BN: under DDP the key encoder sees a batch permuted across ranks, so BatchNorm
+    # statistics cannot leak which samples are positives. With SyncBN (or no BN) it is unneeded.
+    shuffle_bn: bool = True
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.1
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["sgcl", "moco_v2", "simclr"] = "sgcl"
+    proj_hidden_dim: int = 0      # 0 = backbone.num_features (SGCL SwAVNeck 512→512→128; MoCo v2 2048→2048→128)
+    proj_dim: int = 128
+    proj_layers: int = 2
+    proj_batch_norm: bool = False  # SimCLR's head uses BN; MoCo v2 / SGCL do not
+    tau_head: float = 0.2          # instance/queue temperature (SGCL τ_h, MoCo v2 τ)
+    T_spatial: float = 0.07        # SGCL multi-positive loss temperature (separate from τ_h)
+    seed: int = 0                  # bank/queue initialisation and per-step negative draws
+    sgcl: SGCLConfig = field(default_factory=SGCLConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+
+
+def build_method(cfg: MethodConfig, backbone):  # noqa: ANN001 - re-exported factory
+    """Factory by name; see :mod:`sgcl.methods.factory` (imported lazily: no import cycle)."""
+    from sgcl.methods.factory import build_method as _build
+
+    return _build(cfg, backbone)

@@ -1,0 +1,52 @@
+"""MoCo v2 (methods.md §5.1): query encoder + momentum key encoder + FIFO queue, InfoNCE at τ.
+
+The queue is all-gathered across ranks and enqueued after each optimiser step; the key encoder
+is updated in ``on_after_step`` (equivalent to MoCo's update before the next key forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgcl.losses.info_nce import info_nce
+from sgcl.memory.queue import FeatureQueue
+from sgcl.methods.base import DatasetMeta, PretrainMethod
+from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
+from sgcl.methods.config import MethodConfig
+
+
+class MoCoV2(PretrainMethod):
+    num_views = 2
+
+    def __init__(self, cfg: MethodConfig, backbone: nn.Module):
+        super().__init__(backbone)
+        self.cfg = cfg
+        self.head = make_head(cfg, num_features(backbone))
+        self.key_encoder = MomentumEncoder(backbone, self.head, cfg.moco.momentum)
+        self.queue = FeatureQueue(cfg.moco.queue_size, cfg.proj_dim, seed=cfg.seed)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, meta: DatasetMeta) -> None:
+        self.key_encoder.reset(self.backbone, self.head)
+
+    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        x_q, x_k = batch["views"][0], batch["views"][1]
+        q = F.normalize(self.head(self.backbone(x_q)).float(), dim=1)
+        k, _ = self.key_encoder(x_k, shuffle_bn=self.cfg.moco.shuffle_bn, generator=step_generator(self.cfg.seed, step, 11))
+        with autocast_off(q.device):
+            loss = info_nce(q, k, self.queue.keys.detach(), self.cfg.tau_head)
+        if self.training:
+            self._pending.append((k.detach(), batch["index"].detach()))
+        with torch.no_grad():
+            pos = (q * k).sum(1).mean()
+            neg = (q @ self.queue.keys.float().t()).mean()
+        return {"loss": loss, "loss_instance": loss.detach(), "pos_sim": pos, "neg_sim": neg}
+
+    @torch.no_grad()
+    def on_after_step(self, out: dict[str, torch.Tensor]) -> None:
+        self.key_encoder.update(self.backbone, self.head)
+        for k, idx in self._pending:
+            self.queue.enqueue(k, idx.to(k.device))
+        self._pending.clear()

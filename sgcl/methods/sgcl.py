@@ -1,0 +1,439 @@
+"""SGCL — Spatial Guided Contrastive Learning (methods.md §1), with the reference bugs fixed.
+
+``L = λ_s·L_single + λ_sp·w(e)·L_sp + λ_i·L_mcrop`` where
+
+- ``L_single`` (self-invariance): NPID against the memory bank (``bank: memory``) or InfoNCE
+  against the momentum key + queue (``bank: queue``), at ``τ_h``;
+- ``L_sp`` (intra + inter invariance): multi-positive NCE at ``T_spatial`` over
+  ``P_i = P^sp_i ∪ P^se_i`` against semi-hard mined negatives (``sgcl.losses.multi_positive_nce``);
+- ``L_mcrop`` (inner invariance): each quadrant crop against its own position bank
+  (memory mode) or against the patch's global key (queue mode, [ours]).
+
+Two scales:
+
+- ``bank: memory`` (the reference, §1.12): banks of N rows (projection, backbone, 4 quadrants),
+  k-means over the bank. Per-step cost grows with N; fine up to a few million patches.
+- ``bank: queue`` (for 50M patches): momentum encoder + queue of K keys that stores each key's
+  patch index, slide and grid cell, so spatial positives are the queued (and in-batch) keys of
+  grid neighbours; k-means centroids are fitted on the queue and keys are assigned on the fly.
+
+Fixes of §1.13: clusters are fitted on rank 0 and broadcast; an empty spatial neighbourhood
+falls back to the anchor itself (no random aux anchor); the anchor never re-enters its own
+semantic positive set; negatives exclude self and every positive.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgcl.clustering import assign_clusters, effective_clusters, fit_and_broadcast
+from sgcl.data.neighbors import SpatialIndex
+from sgcl.distributed import concat_all_gather
+from sgcl.losses.info_nce import info_nce
+from sgcl.losses.multi_positive_nce import multi_positive_nce
+from sgcl.losses.npid import npid_loss
+from sgcl.losses.ramp import sigmoid_rampup
+from sgcl.memory.bank import MemoryBank, chunked_topk
+from sgcl.memory.queue import FeatureQueue
+from sgcl.methods.base import DatasetMeta, PretrainMethod
+from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
+from sgcl.methods.config import MethodConfig
+from sgcl.mining import mine_negatives
+
+log = logging.getLogger(__name__)
+
+QUADRANTS = ("tl", "tr", "bl", "br")
+
+
+def union_sets(index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deduplicate each row of a padded index set: returns sorted (index, mask) with every
+    index kept once; masked slots hold a valid filler index (the row's first entry or 0)."""
+    x = torch.where(mask, index, torch.full_like(index, -1))
+    x, _ = x.sort(dim=1)
+    keep = x >= 0
+    keep[:, 1:] &= x[:, 1:] != x[:, :-1]
+    filler = torch.where(keep.any(1), x.masked_fill(~keep, -1).max(1).values, torch.zeros_like(x[:, 0]))
+    return torch.where(keep, x, filler.unsqueeze(1).expand_as(x)), keep
+
+
+class SGCL(PretrainMethod):
+    """SGCL on an NPID memory bank (``sgcl.bank = memory``) or a momentum encoder + queue (``queue``)."""
+
+    def __init__(self, cfg: MethodConfig, backbone: nn.Module):
+        super().__init__(backbone)
+        self.cfg = cfg
+        s = cfg.sgcl
+        if not (s.self_term or s.intra_term or s.inter_term or s.inner_term):
+            raise ValueError("SGCL needs at least one of sgcl.self_term/intra_term/inter_term/inner_term")
+        if s.aux_num < 0 or s.nei_k <= 0 or s.num_negatives <= 0:
+            raise ValueError("sgcl.aux_num must be >= 0 and sgcl.nei_k, sgcl.num_negatives > 0")
+        self.feat_dim = num_features(backbone)
+        self.head = make_head(cfg, self.feat_dim)
+        self.queue_mode = s.bank == "queue"
+        self.num_views = 2 if self.queue_mode else 1
+        self.needs_local = s.inner_term
+        self.key_encoder = MomentumEncoder(backbone, self.head, cfg.moco.momentum) if self.queue_mode else None
+        self.spatial: SpatialIndex | None = None
+        self.num_patches = 0
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def uses_spatial_loss(self) -> bool:
+        return self.cfg.sgcl.intra_term or self.cfg.sgcl.inter_term
+
+    @property
+    def ranks_by_backbone(self) -> bool:
+        s = self.cfg.sgcl
+        return self.uses_spatial_loss and s.mining != "uniform" and s.backbone_bank
+
+    def on_train_start(self, meta: DatasetMeta) -> None:
+        """Build the spatial index and the banks/queues for ``meta.num_patches`` patches.
+        Call before ``load_state_dict`` when resuming (the banks are buffers created here)."""
+        s, cfg = self.cfg.sgcl, self.cfg
+        device = next(self.parameters()).device
+        n = int(meta.num_patches)
+        if n <= 0:
+            raise ValueError("SGCL needs a dataset with at least one patch")
+        self.num_patches = n
+        if self.uses_spatial_loss:
+            index = meta.neighbors
+            if index is None or not isinstance(index, SpatialIndex):
+                index = SpatialIndex(meta.slide_of, meta.grid_of, radius=s.radius)
+            self.spatial = index.to(device)
+        if self.queue_mode:
+            assert self.key_encoder is not None
+            self.key_encoder.reset(self.backbone, self.head)
+            extras: dict = {"slide": ((), torch.long), "grid": ((2,), torch.long)}
+            if self.ranks_by_backbone:
+                extras["feat"] = ((self.feat_dim,), s.bank_dtype)
+            self.queue = FeatureQueue(cfg.moco.queue_size, cfg.proj_dim, dtype=s.bank_dtype, extras=extras, seed=cfg.seed).to(device)
+            if s.inter_term:
+                c = effective_clusters(cfg.moco.queue_size, s.kmeans_clusters)
+                self.register_buffer("centroids", torch.zeros(s.kmeans_runs, c, cfg.proj_dim, device=device))
+        else:
+            self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed).to(device)
+            if self.ranks_by_backbone:
+                self.bank_b = MemoryBank(n, self.feat_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 1).to(device)
+            if s.inner_term:
+                self.local_banks = nn.ModuleList(
+                    MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 2 + c) for c in range(4)
+                ).to(device)
+            if s.inter_term:
+                c = effective_clusters(n, s.kmeans_clusters)
+                gen = torch.Generator().manual_seed(cfg.seed + 7)
+                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen).to(device))
+        # Banks, queues and labels are kept identical on every rank by all-gathered updates and
+        # broadcasts; DDP must not re-broadcast them from rank 0 at every forward (GBs at scale).
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "clustered_epoch")
+        ]
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Re-cluster (rank 0, broadcast) once per epoch; skipped when resuming inside an epoch
+        that was already clustered (the labels are in the state_dict)."""
+        s = self.cfg.sgcl
+        if not s.inter_term or int(self.clustered_epoch) == int(epoch):
+            return
+        if self.queue_mode:
+            valid = self.queue.valid()
+            n_valid = int(valid.sum())
+            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: keep no clusters
+                return
+            keys = self.queue.keys[valid].float()
+            c = fit_and_broadcast_centroids(keys, self.centroids, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
+            log.info("epoch %d: k-means on %d queued keys, %d clusters × %d runs", epoch, n_valid, c, s.kmeans_runs)
+        else:
+            c = fit_and_broadcast(self.bank.weight, self.clusters, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
+            log.info("epoch %d: k-means on the %d-row bank, %d clusters × %d runs", epoch, self.bank.num_rows, c, s.kmeans_runs)
+        self.clustered_epoch.fill_(int(epoch))
+
+    def extra_state(self) -> dict:
+        """What the buffers were built for; checked on resume (the buffers themselves are in the state_dict)."""
+        return {"num_patches": self.num_patches, "bank": self.cfg.sgcl.bank, "proj_dim": self.cfg.proj_dim}
+
+    def load_extra_state(self, state: dict) -> None:
+        if not state:
+            return
+        if self.num_patches and int(state.get("num_patches", self.num_patches)) != self.num_patches:
+            raise ValueError(
+                f"the checkpoint's SGCL banks hold {state['num_patches']} patches but the dataset has {self.num_patches}: "
+                "resume with the same HDF5 files (same order), or start a new run"
+            )
+        if state.get("bank", self.cfg.sgcl.bank) != self.cfg.sgcl.bank:
+            raise ValueError(f"the checkpoint used sgcl.bank={state['bank']!r}, this run sgcl.bank={self.cfg.sgcl.bank!r}")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        if self.num_patches == 0:
+            raise RuntimeError("SGCL.on_train_start(meta) must be called before the first forward")
+        if self.queue_mode:
+            return self._forward_queue(batch, epoch, step)
+        return self._forward_memory(batch, epoch, step)
+
+    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        h = self.backbone(batch["views"][0])
+        q = F.normalize(self.head(h).float(), dim=1)
+        hb = F.normalize(h.float(), dim=1)
+        u = None
+        if self.cfg.sgcl.inner_term:
+            local = batch.get("local")
+            if local is None:
+                raise ValueError("sgcl.inner_term needs the quadrant crops in batch['local'] (4B, 3, h, w); enable the multi-crop views or set method.sgcl.inner_term=false")
+            if local.shape[0] != 4 * q.shape[0]:
+                raise ValueError(f"batch['local'] must hold 4 quadrant crops per patch: got {local.shape[0]} rows for a batch of {q.shape[0]}")
+            u = F.normalize(self.head(self.backbone(local)).float(), dim=1)
+        return q, hb, u
+
+    def _forward_memory(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        s, cfg = self.cfg.sgcl, self.cfg
+        idx = batch["index"].to(self.bank.weight.device).long()
+        q, hb, u = self._encode(batch)
+        with autocast_off(q.device):
+            n = self.bank.num_rows
+            out: dict[str, torch.Tensor] = {}
+            loss = q.new_zeros(())
+            if s.self_term:
+                neg = torch.randint(0, n, (s.num_negatives,), generator=step_generator(cfg.seed, step, 1)).to(q.device)
+                l_single = npid_loss(q, self.bank.rows(idx), self.bank.rows(neg), cfg.tau_head)
+                loss = loss + s.lambda_single * l_single
+                out["loss_single"] = l_single.detach()
+            if self.uses_spatial_loss:
+                pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+                pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
+                exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
+                if self.ranks_by_backbone:
+                    rank_q, rank_keys = hb, self.bank_b.weight
+                else:
+                    rank_q, rank_keys = q, self.bank.weight
+                neg_idx, neg_mask = mine_negatives(
+                    rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
+                    generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
+                )
+                neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
+                l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
+                w = sigmoid_rampup(epoch, s.rampup_epochs)
+                loss = loss + s.lambda_spatial * w * l_sp
+                out["loss_spatial"] = (w * l_sp).detach()
+                out["loss_spatial_raw"] = l_sp.detach()
+                out["ramp_weight"] = torch.tensor(w)
+                out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
+                out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_mask)
+                out.update(diag)
+            if s.inner_term:
+                assert u is not None
+                b = q.shape[0]
+                per = max(1, s.num_negatives // 4)
+                gen = step_generator(cfg.seed, step, 3)
+                negs = torch.cat([bank.rows(torch.randint(0, n, (per,), generator=gen).to(q.device)) for bank in self.local_banks])
+                l_m = torch.stack([npid_loss(u[c * b : (c + 1) * b], self.local_banks[c].rows(idx), negs, cfg.tau_head) for c in range(4)]).mean()
+                loss = loss + s.lambda_inner * l_m
+                out["loss_mcrop"] = l_m.detach()
+            if self.training:
+                self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
+            out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def _positives_memory(self, q: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``P_i = P^sp_i ∪ P^se_i`` as a padded (B, K) index set + mask (memory mode)."""
+        s = self.cfg.sgcl
+        assert self.spatial is not None
+        nb = self.spatial.neighbors(idx, s.radius)
+        true_nb = nb.mask & ~nb.fallback.unsqueeze(1)
+        parts_i, parts_m = [], []
+        diag = {"pos_spatial": true_nb.sum(1).float().mean(), "fallback_frac": nb.fallback.float().mean()}
+        if s.intra_term:
+            parts_i.append(nb.index)
+            parts_m.append(nb.mask)  # fallback rows: the anchor itself
+        n_se = torch.zeros(idx.shape[0], device=idx.device)
+        if s.inter_term:
+            clusters = self.clusters
+            k = min(s.nei_k, self.bank.num_rows)
+            # anchor's own candidates: top-k of q·V, anchor excluded
+            _, cand = chunked_topk(q, self.bank.weight, k, chunk=s.sim_chunk, exclude=idx.unsqueeze(1))
+            ok = (clusters[:, cand] == clusters[:, idx].unsqueeze(2)).all(0)
+            ok &= cand != idx.unsqueeze(1)
+            se_i, se_m = [cand], [ok]
+            if s.aux_num > 0 and true_nb.any():
+                a = min(s.aux_num, nb.index.shape[1])
+                sim_nb = torch.einsum("bd,bkd->bk", q, self.bank.rows(nb.index)).masked_fill(~true_nb, float("-inf"))
+                top_v, top_p = sim_nb.topk(a, dim=1)
+                aux = nb.index.gather(1, top_p)                     # (B, a)
+                aux_ok = torch.isfinite(top_v)                      # rows/slots with a real neighbour
+                aux_feat = self.bank.rows(aux.reshape(-1))          # (B·a, D)
+                excl = torch.stack([aux.reshape(-1), idx.repeat_interleave(a)], 1)
+                _, cand_a = chunked_topk(aux_feat, self.bank.weight, k, chunk=s.sim_chunk, exclude=excl)
+                flat_aux = aux.reshape(-1)
+                ok_a = (clusters[:, cand_a] == clusters[:, flat_aux].unsqueeze(2)).all(0)
+                ok_a &= aux_ok.reshape(-1, 1)
+                ok_a &= cand_a != idx.repeat_interleave(a).unsqueeze(1)  # the anchor never re-enters
+                b = idx.shape[0]
+                se_i.append(cand_a.reshape(b, a * k))
+                se_m.append(ok_a.reshape(b, a * k))
+            se_idx, se_mask = union_sets(torch.cat(se_i, 1), torch.cat(se_m, 1))
+            n_se = se_mask.sum(1).float()
+            parts_i.append(se_idx)
+            parts_m.append(se_mask)
+        pos_idx, pos_mask = union_sets(torch.cat(parts_i, 1), torch.cat(parts_m, 1))
+        empty = ~pos_mask.any(1)
+        if bool(empty.any()):  # no positive at all: the anchor itself
+            pos_idx[empty, 0] = idx[empty]
+            pos_mask[empty, 0] = True
+        diag["pos_semantic"] = n_se.mean()
+        diag["pos_total"] = pos_mask.sum(1).float().mean()
+        return pos_idx, pos_mask, diag
+
+    # ----------------------------------------------------------- queue mode
+    def _forward_queue(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        s, cfg = self.cfg.sgcl, self.cfg
+        assert self.key_encoder is not None
+        if len(batch["views"]) < 2:
+            raise ValueError("SGCL with sgcl.bank=queue needs two global views per patch (batch['views'][1])")
+        idx = batch["index"].long().to(self.queue.keys.device)
+        q, hb, u = self._encode(batch)
+        k, hk = self.key_encoder(batch["views"][1], shuffle_bn=cfg.moco.shuffle_bn, generator=step_generator(cfg.seed, step, 11))
+        with autocast_off(q.device):
+            out: dict[str, torch.Tensor] = {}
+            loss = q.new_zeros(())
+            queue_keys = self.queue.keys.detach()
+            if s.self_term:
+                l_single = info_nce(q, k, queue_keys, cfg.tau_head)
+                loss = loss + s.lambda_single * l_single
+                out["loss_single"] = l_single.detach()
+            slide = self.spatial.slide_of[idx] if self.spatial is not None else batch["slide"].long().to(idx.device)
+            grid = self.spatial.grid_of[idx] if self.spatial is not None else batch["grid"].long().to(idx.device)
+            if self.uses_spatial_loss:
+                # candidates: keys of the whole (gathered) batch, then the filled queue slots
+                valid = self.queue.valid()
+                cand_k = torch.cat([concat_all_gather(k), queue_keys[valid].float()])
+                cand_i = torch.cat([concat_all_gather(idx), self.queue.index[valid]])
+                cand_s = torch.cat([concat_all_gather(slide), self.queue.extra("slide")[valid]])
+                cand_g = torch.cat([concat_all_gather(grid), self.queue.extra("grid")[valid]])
+                pos_mask, fallback, diag = self._positives_queue(q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g)
+                sim = q @ cand_k.t()                                              # (B, M), grad through q
+                pos_sim = torch.cat([sim, (q * k).sum(1, keepdim=True)], 1)        # last column: own key (fallback)
+                pos_m = torch.cat([pos_mask, fallback.unsqueeze(1)], 1)
+                m = cand_k.shape[0]
+                ar = torch.arange(m, device=q.device).expand(q.shape[0], -1)
+                exclude = torch.where(pos_mask | (cand_i.unsqueeze(0) == idx.unsqueeze(1)), ar, torch.full_like(ar, -1))
+                if self.ranks_by_backbone:
+                    cand_f = torch.cat([concat_all_gather(hk), self.queue.extra("feat")[valid].float()])
+                    rank_q = hb
+                else:
+                    cand_f, rank_q = cand_k, q
+                neg_idx, neg_mask = mine_negatives(
+                    rank_q, cand_f, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
+                    generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
+                )
+                neg_sim = sim.gather(1, neg_idx)
+                l_sp = multi_positive_nce(pos_sim, pos_m, neg_sim, neg_mask, cfg.T_spatial, s.denominator, m)
+                w = sigmoid_rampup(epoch, s.rampup_epochs)
+                loss = loss + s.lambda_spatial * w * l_sp
+                out["loss_spatial"] = (w * l_sp).detach()
+                out["loss_spatial_raw"] = l_sp.detach()
+                out["ramp_weight"] = torch.tensor(w)
+                out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
+                out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_m)
+                out.update(diag)
+            if s.inner_term:
+                assert u is not None
+                b = q.shape[0]
+                l_m = info_nce(u, k.repeat(4, 1), queue_keys, cfg.tau_head)  # quadrant c of patch i ↔ key of patch i
+                loss = loss + s.lambda_inner * l_m
+                out["loss_mcrop"] = l_m.detach()
+                del b
+            if self.training:
+                self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
+            out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def _positives_queue(self, q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g):
+        """Dense (B, M) positive mask over the M = batch + queue candidates (M ≤ queue size + batch,
+        never N), and the rows that fall back to the anchor's own key."""
+        s = self.cfg.sgcl
+        not_self = cand_i.unsqueeze(0) != idx.unsqueeze(1)
+        d2 = ((cand_g.unsqueeze(0) - grid.unsqueeze(1)).float() ** 2).sum(-1)
+        sp = (cand_s.unsqueeze(0) == slide.unsqueeze(1)) & (d2 > 0) & (d2 < s.radius**2) & not_self
+        mask = sp.clone() if s.intra_term else torch.zeros_like(sp)
+        n_se = torch.zeros(idx.shape[0], device=idx.device)
+        if s.inter_term and int(self.clustered_epoch) >= 0:
+            lab_c = torch.stack([assign_clusters(cand_k, c) for c in self.centroids])   # (R, M)
+            lab_q = torch.stack([assign_clusters(k, c) for c in self.centroids])        # (R, B) anchor = own key
+            kk = min(s.nei_k, cand_k.shape[0])
+            sim = (q @ cand_k.t()).masked_fill(~not_self, float("-inf"))
+            top_v, top_i = sim.topk(kk, dim=1)
+            se = torch.zeros_like(sp)
+            ok = (lab_c[:, top_i] == lab_q.unsqueeze(2)).all(0) & torch.isfinite(top_v)
+            se.scatter_(1, top_i, ok)
+            if s.aux_num > 0:
+                sim_sp = (q @ cand_k.t()).masked_fill(~sp, float("-inf"))
+                a = min(s.aux_num, sim_sp.shape[1])
+                av, ai = sim_sp.topk(a, dim=1)                                          # (B, a)
+                for j in range(a):
+                    has = torch.isfinite(av[:, j])
+                    aux = ai[:, j]
+                    sim_a = (cand_k[aux] @ cand_k.t()).masked_fill(~not_self, float("-inf"))
+                    sim_a.scatter_(1, aux.unsqueeze(1), float("-inf"))
+                    tv, ti = sim_a.topk(kk, dim=1)
+                    ok_a = (lab_c[:, ti] == lab_c[:, aux].unsqueeze(2)).all(0) & torch.isfinite(tv) & has.unsqueeze(1)
+                    se.scatter_(1, ti, ok_a | se.gather(1, ti))
+            se &= not_self
+            n_se = se.sum(1).float()
+            mask |= se
+        fallback = ~mask.any(1)
+        diag = {
+            "pos_spatial": sp.sum(1).float().mean(),
+            "pos_semantic": n_se.mean(),
+            "pos_total": (mask.sum(1) + fallback).float().mean(),
+            "fallback_frac": fallback.float().mean(),
+        }
+        return mask, fallback, diag
+
+    # ------------------------------------------------------------ after step
+    @torch.no_grad()
+    def on_after_step(self, out: dict[str, torch.Tensor]) -> None:
+        if self.queue_mode:
+            assert self.key_encoder is not None
+            self.key_encoder.update(self.backbone, self.head)
+            for p in self._pending:
+                extras = {"slide": p["slide"], "grid": p["grid"]}
+                if self.ranks_by_backbone:
+                    extras["feat"] = p["hk"]
+                self.queue.enqueue(p["k"], p["index"], **extras)
+        else:
+            for p in self._pending:
+                idx = concat_all_gather(p["index"])
+                self.bank.update(idx, concat_all_gather(p["q"]), gather=False)
+                if self.ranks_by_backbone:
+                    self.bank_b.update(idx, concat_all_gather(p["hb"]), gather=False)
+                if p["u"] is not None:
+                    b = p["index"].shape[0]
+                    for c, bank in enumerate(self.local_banks):
+                        bank.update(idx, concat_all_gather(p["u"][c * b : (c + 1) * b]), gather=False)
+        self._pending.clear()
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.float().mean() if x.numel() else x.new_zeros(())
+    m = mask.float()
+    return (x.float() * m).sum() / m.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def fit_and_broadcast_centroids(keys: torch.Tensor, centroids_out: torch.Tensor, num_clusters: int, niter: int, seed: int) -> int:
+    """Queue mode: k-means on the queued keys (rank 0), centroids broadcast in place."""
+    runs, c_max, _ = centroids_out.shape
+    labels = torch.empty(runs, keys.shape[0], dtype=torch.long, device=keys.device)
+    c = fit_and_broadcast(keys, labels, min(num_clusters, c_max), niter, seed, centroids_out=centroids_out)
+    if c < c_max:  # unused centroid slots must never win an assignment (far away, finite)
+        centroids_out[:, c:] = 0.0
+        centroids_out[:, c:, 0] = 1e4
+    return c

@@ -1,0 +1,115 @@
+"""Negatives for SGCL's spatial/semantic term (methods.md §1.7).
+
+``semi_hard`` (the reference): rank every candidate by *backbone* similarity (self and
+positives excluded), keep the top ``⌈frac·N⌉`` in decreasing order, and pick ``k`` rank
+positions — shared by the batch, without replacement — from a Beta(a, b) density over those
+positions (Beta(5, 15) skips the hardest, likely false, negatives). ``hardest`` takes the top
+``k``; ``uniform`` draws ``k`` candidates uniformly (with replacement, O(k) at any N) and masks
+self/positives out.
+Rank positions come from a seeded generator, so every rank (and a single process with the
+whole batch) draws the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sgcl.memory.bank import chunked_topk
+
+Mining = Literal["semi_hard", "hardest", "uniform"]
+
+
+def beta_rank_weights(length: int, a: float = 5.0, b: float = 15.0) -> torch.Tensor:
+    """Probability of each of ``length`` rank positions: Beta(a, b) mass of its bin
+    ``[p/length, (p+1)/length)`` (exact, via the regularised incomplete beta on a fine grid)."""
+    if length <= 0:
+        return torch.zeros(0, dtype=torch.float64)
+    # density at bin centres integrates the bin well for length >= 100; add a fine grid otherwise
+    sub = max(1, math.ceil(1000 / length))
+    x = (torch.arange(length * sub, dtype=torch.float64) + 0.5) / (length * sub)
+    logpdf = (a - 1) * torch.log(x) + (b - 1) * torch.log1p(-x)
+    w = torch.exp(logpdf - logpdf.max()).reshape(length, sub).sum(1)
+    return w / w.sum()
+
+
+def sample_rank_positions(length: int, k: int, mode: Mining, a: float, b: float, generator: torch.Generator) -> torch.Tensor:
+    """``min(k, length)`` distinct sorted rank positions in ``[0, length)`` (CPU int64).
+
+    ``semi_hard``: exact Beta(a, b) bin probabilities with ``torch.multinomial`` (without
+    replacement) up to 2^24 positions; beyond that (``frac·N`` of a 100M-row bank) Beta draws are
+    binned and deduplicated until ``k`` distinct positions are found.
+    """
+    k = min(int(k), int(length))
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if mode == "hardest":
+        return torch.arange(k)
+    if mode != "semi_hard":
+        raise ValueError(f"rank positions are only drawn for semi_hard/hardest, got {mode!r}")
+    if length <= 2**24:
+        w = beta_rank_weights(length, a, b)
+        return torch.multinomial(w.float(), k, replacement=False, generator=generator).sort().values
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    picked = np.zeros(0, dtype=np.int64)
+    while picked.size < k:
+        draw = np.minimum((rng.beta(a, b, size=2 * k) * length).astype(np.int64), length - 1)
+        picked = np.unique(np.concatenate([picked, draw]))
+    picked = rng.permutation(picked)[:k]
+    return torch.from_numpy(np.sort(picked))
+
+
+def _is_excluded(cand: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: ``cand[b, k]`` is in row ``exclude[b]`` (−1 padded), via sorted search."""
+    if exclude.numel() == 0:
+        return torch.zeros_like(cand, dtype=torch.bool)
+    ex = exclude.sort(dim=1).values
+    pos = torch.searchsorted(ex, cand.contiguous()).clamp_max(ex.shape[1] - 1)
+    return ex.gather(1, pos) == cand
+
+
+@torch.no_grad()
+def mine_negatives(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    exclude: torch.Tensor,
+    k: int,
+    mode: Mining = "semi_hard",
+    frac: float = 0.2,
+    a: float = 5.0,
+    b: float = 15.0,
+    generator: torch.Generator | None = None,
+    chunk: int = 0,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative indices into ``keys`` for each row of ``query``.
+
+    ``query`` (B, F) and ``keys`` (N, F) are the unit-norm features used for *ranking* (SGCL:
+    backbone features and the backbone bank). ``exclude`` (B, E) int64 (−1 padded): self and
+    positives. ``valid`` (N,) bool marks usable keys (e.g. filled queue slots).
+    Returns ``(index (B, k'), mask (B, k'))``; masked entries are not negatives.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    n = keys.shape[0]
+    device = query.device
+    if valid is not None:
+        bad = (~valid).nonzero(as_tuple=True)[0]
+        if bad.numel():
+            exclude = torch.cat([exclude, bad.unsqueeze(0).expand(query.shape[0], -1).to(exclude.device)], 1)
+    if mode == "uniform":
+        kk = min(int(k), n)
+        cand = torch.randint(0, n, (kk,), generator=gen).to(device).unsqueeze(0).expand(query.shape[0], -1).contiguous()
+        return cand, ~_is_excluded(cand, exclude.to(device))
+    length = max(1, math.ceil(frac * n)) if mode == "semi_hard" else min(int(k), n)
+    positions = sample_rank_positions(length, k, mode, a, b, gen).to(device)
+    if positions.numel() == 0:
+        empty = torch.zeros(query.shape[0], 0, dtype=torch.long, device=device)
+        return empty, empty.bool()
+    top_v, top_i = chunked_topk(query, keys, int(positions[-1]) + 1, chunk=chunk, exclude=exclude.to(device))
+    positions = positions[positions < top_i.shape[1]]
+    idx = top_i[:, positions]
+    mask = torch.isfinite(top_v[:, positions])
+    return idx, mask

@@ -1,0 +1,264 @@
+"""``PatchDataset``: every patch of a cohort of per-slide HDF5 files (``preprocessing/h5format.py``)
+under one global index, with the views and metadata of the batch contract (``sgcl/methods/base.py``).
+
+- Sources: a folder (``*.h5``, sorted), a glob, a text file of paths (one per line, ``#`` comments),
+  or a list mixing these. Slide order is the sorted path order, so the index is reproducible.
+- Metadata (``slide_of``, ``grid_of``, spatial index) comes from the small ``coords``/``grid``
+  datasets only; no image is read to build it.
+- File handles are opened lazily in the process that reads (each DataLoader worker) and kept in a
+  bounded LRU cache (``cache_files``), so a cohort of 10,000 slides never holds 10,000 handles.
+- Views are a pure function of ``(seed, epoch, index)``: resumed runs and any worker count give the
+  same batches.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from preprocessing.h5format import PatchFile, PatchFileError, REQUIRED_DATASETS
+from sgcl.methods.base import DatasetMeta
+from sgcl.transforms.views import to_tensor
+
+
+class DatasetError(ValueError):
+    """A data source that cannot be used for pretraining (named in the message, with the fix)."""
+
+
+def resolve_sources(sources: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand folders, globs and ``.txt`` lists into a sorted, de-duplicated list of ``.h5`` files."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    files: list[Path] = []
+    for src in sources:
+        text = str(src)
+        path = Path(text)
+        if any(ch in text for ch in "*?["):
+            hits = sorted(globlib.glob(text, recursive=True))
+            if not hits:
+                raise DatasetError(f"the pattern {text} matches no file; check the path given to data.h5_dir/data.files")
+            files += [Path(h) for h in hits if Path(h).is_file()]
+        elif path.is_dir():
+            hits = sorted(p for p in path.rglob("*.h5") if not p.name.startswith("."))
+            if not hits:
+                raise DatasetError(f"the folder {path} contains no .h5 patch file; run `sgcl tile` first or point data.h5_dir at its patches/ folder")
+            files += hits
+        elif path.suffix in (".txt", ".lst", ".list") and path.is_file():
+            base = path.parent
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    p = Path(line)
+                    files.append(p if p.is_absolute() else base / p)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DatasetError(f"{path} does not exist; pass a folder of .h5 patch files, a glob, a .txt list or .h5 paths")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DatasetError(f"{missing[0]} does not exist ({len(missing)} listed file(s) missing)")
+    seen: dict[str, Path] = {}
+    for f in files:
+        seen.setdefault(str(f.resolve()), f)
+    if not seen:
+        raise DatasetError(f"no patch file found in {list(map(str, sources))}")
+    return sorted(seen.values(), key=lambda p: str(p))
+
+
+def _read_layout(path: Path) -> tuple[str, np.ndarray]:
+    """(slide_id, grid (n, 2) int64) of one file, checking the layout without reading images."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [name for name in REQUIRED_DATASETS if name not in f]
+            if missing:
+                raise DatasetError(f"{path}: not an sgcl patch file (missing dataset(s) {missing}); re-tile it with `sgcl tile`")
+            grid, coords = f["grid"], f["coords"]
+            if grid.ndim != 2 or grid.shape[1] != 2 or coords.ndim != 2 or coords.shape[1] != 2:
+                raise DatasetError(f"{path}: grid/coords must be (N, 2), got {grid.shape}/{coords.shape}; re-tile it with `sgcl tile`")
+            n = coords.shape[0]
+            if grid.shape[0] != n or f["imgs"].shape[0] != n:
+                raise DatasetError(f"{path}: imgs/grid/coords row counts differ ({f['imgs'].shape[0]}/{grid.shape[0]}/{n}); the file is truncated, re-tile it")
+            codec = f["imgs"].attrs.get("codec", "raw")
+            codec = codec.decode() if isinstance(codec, bytes) else codec
+            if codec != "jpeg" and (f["imgs"].ndim != 4 or f["imgs"].shape[-1] != 3):
+                raise DatasetError(f"{path}: imgs must be (N, P, P, 3) uint8, got {f['imgs'].shape}")
+            slide_id = f.attrs.get("slide_id", path.stem)
+            slide_id = slide_id.decode() if isinstance(slide_id, bytes) else str(slide_id)
+            return slide_id, np.asarray(grid[:], dtype=np.int64)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot open as HDF5 ({exc}); the file is corrupt or not HDF5, re-tile it") from None
+
+
+class PatchDataset(Dataset):
+    """All patches of ``sources``; ``transform(patch, rng) -> dict`` makes the views (``SampleTransform``).
+
+    ``skip_bad=True`` drops unreadable/invalid files with a warning instead of stopping (cohorts);
+    ``skip_empty`` drops slides without patches.
+    """
+
+    def __init__(self, sources, transform=None, cache_files: int = 64, seed: int = 0, skip_bad: bool = False):
+        self.files = resolve_sources(sources)
+        self.transform = transform
+        self.cache_files = max(1, int(cache_files))
+        self.seed = int(seed)
+        self.epoch = 0
+        self.bad_files: list[tuple[str, str]] = []
+        slide_ids, grids, kept = [], [], []
+        for path in self.files:
+            try:
+                sid, grid = _read_layout(path)
+            except DatasetError as exc:
+                if not skip_bad:
+                    raise
+                self.bad_files.append((str(path), str(exc)))
+                continue
+            if len(grid) == 0:
+                continue
+            kept.append(path)
+            slide_ids.append(sid)
+            grids.append(grid)
+        if not kept:
+            raise DatasetError(f"no usable patch in {len(self.files)} file(s) (first: {self.files[0]}); every slide is empty or invalid")
+        self.files = kept
+        self.slide_ids = slide_ids
+        counts = np.array([len(g) for g in grids], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.slide_of = np.repeat(np.arange(len(kept), dtype=np.int64), counts)
+        self.grid_of = np.concatenate(grids).astype(np.int64)
+        self._cache: OrderedDict[int, PatchFile] = OrderedDict()
+        self._pid = os.getpid()
+
+    # -- sizes and metadata --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_slides(self) -> int:
+        return len(self.files)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(slide index, row in that slide's file) of a global patch index."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"patch index {index} out of range 0..{len(self) - 1}")
+        s = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return s, int(index - self.offsets[s])
+
+    def meta(self, radius: int = 3) -> DatasetMeta:
+        """``DatasetMeta`` for ``PretrainMethod.on_train_start`` (spatial index of grid radius ``radius``)."""
+        slide_of = torch.from_numpy(self.slide_of)
+        grid_of = torch.from_numpy(self.grid_of)
+        neighbors = None
+        try:
+            from sgcl.data.neighbors import SpatialIndex
+        except ImportError:  # the neighbour index ships with the methods
+            SpatialIndex = None
+        if SpatialIndex is not None:
+            neighbors = SpatialIndex(slide_of, grid_of, radius=radius)
+        return DatasetMeta(num_patches=len(self), num_slides=self.num_slides, slide_of=slide_of, grid_of=grid_of, neighbors=neighbors)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _file(self, slide: int) -> PatchFile:
+        if self._pid != os.getpid():  # forked worker: never reuse the parent's handles
+            self._cache = OrderedDict()
+            self._pid = os.getpid()
+        pf = self._cache.get(slide)
+        if pf is not None:
+            self._cache.move_to_end(slide)
+            return pf
+        pf = PatchFile(self.files[slide], validate=False)
+        self._cache[slide] = pf
+        while len(self._cache) > self.cache_files:
+            _, old = self._cache.popitem(last=False)
+            old.close()
+        return pf
+
+    @property
+    def open_files(self) -> int:
+        return sum(1 for pf in self._cache.values() if pf._file is not None)
+
+    def read_patch(self, index: int) -> np.ndarray:
+        slide, row = self.locate(index)
+        try:
+            return self._file(slide).read(row)
+        except (PatchFileError, OSError, KeyError) as exc:
+            raise DatasetError(f"{self.files[slide]}: cannot read patch {row} ({exc}); re-tile this slide") from None
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        img = self.read_patch(index)
+        slide, _ = self.locate(index)
+        item = {"index": index, "slide": slide, "grid": self.grid_of[index]}
+        if self.transform is None:
+            item["image"] = img
+            return item
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        item.update(self.transform(img, rng))
+        return item
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        return state
+
+    def close(self) -> None:
+        for pf in self._cache.values():
+            pf.close()
+        self._cache.clear()
+
+
+class SampleTransform:
+    """Patch -> the per-sample part of the batch contract: ``views`` (``num_views`` global views),
+    ``geoms``, and ``local`` (4 quadrant crops) when ``multicrop`` is given.
+
+    ``normalize=False`` keeps uint8 tensors for the GPU augmentation path (``transforms/gpu.py``).
+    """
+
+    def __init__(self, builder, num_views: int = 2, multicrop=None, normalize: bool = True):
+        self.builder = builder
+        self.num_views = num_views
+        self.multicrop = multicrop
+        self.normalize = normalize
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict:
+        views = self.builder.views(img, rng, self.num_views)
+        out = {"views": [to_tensor(v, normalize=self.normalize) for v, _ in views],
+               "geoms": [torch.from_numpy(g.to_array()) for _, g in views]}
+        if self.multicrop is not None:
+            local = self.multicrop(img, rng)
+            out["local"] = torch.stack([to_tensor(v, normalize=self.normalize) for v, _ in local])
+            out["local_geoms"] = torch.stack([torch.from_numpy(g.to_array()) for _, g in local])
+        return out
+
+
+def collate(items: Iterable[dict]) -> dict:
+    """Batch dict of the contract: ``views`` list of (B,3,H,W), ``local`` (4B,3,h,w) ordered
+    [tl(B), tr(B), bl(B), br(B)], ``geoms`` list of (B, 8), ``index``/``slide`` (B,), ``grid`` (B, 2)."""
+    items = list(items)
+    batch: dict = {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "slide": torch.tensor([it["slide"] for it in items], dtype=torch.int64),
+        "grid": torch.from_numpy(np.stack([np.asarray(it["grid"], dtype=np.int64) for it in items])),
+    }
+    if "views" in items[0]:
+        nv = len(items[0]["views"])
+        batch["views"] = [torch.stack([it["views"][v] for it in items]) for v in range(nv)]
+        batch["geoms"] = [torch.stack([it["geoms"][v] for it in items]) for v in range(nv)]
+    if "local" in items[0]:
+        local = torch.stack([it["local"] for it in items])  # (B, 4, 3, h, w)
+        batch["local"] = local.transpose(0, 1).reshape(-1, *local.shape[2:])
+        lg = torch.stack([it["local_geoms"] for it in items])  # (B, 4, 8)
+        batch["local_geoms"] = lg.transpose(0, 1).reshape(-1, 8)
+    if "image" in items[0]:
+        batch["image"] = torch.from_numpy(np.stack([it["image"] for it in items]))
+    return batch

@@ -1,0 +1,87 @@
+"""``sgcl pretrain``: self-supervised pretraining on a folder of per-slide HDF5 patch files.
+
+    sgcl pretrain --config configs/pretrain/sgcl_r50.yaml data.h5_dir=tiles/patches --out runs/sgcl_r50
+    torchrun --nproc_per_node 4 -m sgcl.cli pretrain --config configs/pretrain/sgcl_r50.yaml ...
+
+Re-running the same command resumes from ``<out>/checkpoints/last.pt``; ``--resume PATH`` picks a
+checkpoint. The result is ``<out>/export/backbone.safetensors`` + ``backbone.json`` (loadable with
+``timm.create_model(name, num_classes=0, checkpoint_path=...)``) and ``<out>/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sgcl.config import ConfigError, add_config_arguments, config_from_args
+
+FLAGS = {
+    "h5_dir": "data.h5_dir",
+    "out": "train.out_dir",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "batch_size": "data.batch_size",
+    "workers": "data.workers",
+    "resume": "train.resume",
+    "device": "train.device",
+    "precision": "train.precision",
+    "seed": "train.seed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgcl pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument("--h5-dir", dest="h5_dir", help="folder of .h5 patch files (data.h5_dir)")
+    p.add_argument("--out", help="output folder (train.out_dir)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="train.max_steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="per-process batch (data.batch_size)")
+    p.add_argument("--workers", type=int, help="loader workers per process (data.workers)")
+    p.add_argument("--resume", help="checkpoint to resume from (default: <out>/checkpoints/last.pt if present)")
+    p.add_argument("--device", help="auto | cpu | cuda (train.device)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sgcl.train.config import PretrainConfig
+
+    try:
+        cfg = config_from_args(PretrainConfig, args, FLAGS)
+    except ConfigError as exc:
+        print(f"sgcl pretrain: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from sgcl.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from sgcl.data.dataset import DatasetError
+    from sgcl.models.backbone import BackboneError
+    from sgcl.train.checkpoint import CheckpointError
+    from sgcl.train.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.fit()
+    except (DatasetError, CheckpointError, BackboneError, ValueError) as exc:
+        print(f"sgcl pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"sgcl pretrain: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if hasattr(trainer, "dataset"):
+            trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

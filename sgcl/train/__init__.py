@@ -1,0 +1,1 @@
+"""The pretraining engine: typed config, optimisers and schedules, checkpoints, metrics, trainer."""

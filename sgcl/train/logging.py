@@ -1,0 +1,75 @@
+"""Training metrics to CSV, JSONL and TensorBoard (rank 0 only; a no-op elsewhere).
+
+Every row has ``step`` and ``epoch`` plus whatever the trainer logs: each loss term, ``lr``,
+``img_per_s``, and the method's diagnostics (e.g. positives per anchor). The CSV's columns are
+fixed by the first row (extra keys of later rows go to the JSONL only); files are appended to on
+resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def _scalar(v: Any) -> float | int | str:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricLogger:
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self._csv_fields: list[str] | None = None
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        if self.csv_path.is_file() and self.csv_path.stat().st_size > 0:
+            with open(self.csv_path, newline="") as fh:
+                self._csv_fields = next(csv.reader(fh), None)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self._tb = None
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {k: _scalar(v) for k, v in row.items()}
+        with open(self.jsonl_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._csv_fields is None:
+            self._csv_fields = list(row)
+            with open(self.csv_path, "w", newline="") as fh:
+                csv.writer(fh).writerow(self._csv_fields)
+        with open(self.csv_path, "a", newline="") as fh:
+            csv.writer(fh).writerow([row.get(k, "") for k in self._csv_fields])
+        if self._tb is not None:
+            step = int(row.get("step", 0))
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

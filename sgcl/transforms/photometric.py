@@ -1,0 +1,112 @@
+"""H&E-appropriate photometric augmentation on the CPU (numpy + OpenCV, no geometry change).
+
+Every random draw comes from the ``numpy.random.Generator`` passed in, so a view is a pure function
+of (patch, seed): resumed runs and any number of loader workers give identical views.
+
+- colour jitter (brightness, contrast, saturation, hue; random order, probability ``p``);
+- optional HED stain jitter: colour deconvolution into haematoxylin/eosin/DAB optical densities
+  (Ruifrok & Johnston matrix), per-stain scale ``1±σ`` and shift ``±σ``, recomposition (Tellez et al.);
+- greyscale with probability ``p_grey``; Gaussian blur σ ∈ [0.1, 2] with probability ``p_blur``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB) in optical density space.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass
+class PhotometricParams:
+    """Strengths of the photometric augmentations (the ``aug`` config section uses the same names)."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1            # fraction of the hue circle (SGCL reference: 0.4, very strong for H&E)
+    p_jitter: float = 0.8
+    hed_sigma: float = 0.0      # 0 = off; ~0.03-0.05 is a realistic stain variation
+    p_hed: float = 0.5
+    p_grey: float = 0.2
+    p_blur: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+def grey(img: np.ndarray) -> np.ndarray:
+    """Luma (H, W) float32 of an RGB float32 image."""
+    return img @ _GREY
+
+
+def adjust_brightness(img: np.ndarray, f: float) -> np.ndarray:
+    return img * f
+
+
+def adjust_contrast(img: np.ndarray, f: float) -> np.ndarray:
+    mean = float(grey(img).mean())
+    return (img - mean) * f + mean
+
+
+def adjust_saturation(img: np.ndarray, f: float) -> np.ndarray:
+    g = grey(img)[..., None]
+    return (img - g) * f + g
+
+
+def adjust_hue(img: np.ndarray, shift: float) -> np.ndarray:
+    """Rotate hue by ``shift`` (fraction of the circle, in [-0.5, 0.5])."""
+    if shift == 0:
+        return img
+    hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0] + shift * 360.0) % 360.0
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+
+
+def hed_jitter(img: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Scale (``alpha``, 3) and shift (``beta``, 3) the H, E, D optical densities of an RGB image."""
+    od = -np.log(np.maximum(img, 1.0) / 255.0)
+    hed = od.reshape(-1, 3) @ HED_FROM_RGB
+    hed = hed * alpha + beta
+    out = np.exp(-(hed @ RGB_FROM_HED)) * 255.0
+    return out.reshape(img.shape).astype(np.float32)
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    k = max(3, int(2 * round(3 * sigma) + 1))
+    return cv2.GaussianBlur(img, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+class PhotometricAugment:
+    """Callable ``(uint8 RGB image, rng) -> uint8 RGB image`` with the strengths of ``params``."""
+
+    def __init__(self, params: PhotometricParams | None = None):
+        self.p = params or PhotometricParams()
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = self.p
+        out = img.astype(np.float32)
+        if p.hed_sigma > 0 and rng.random() < p.p_hed:
+            alpha = rng.uniform(1 - p.hed_sigma, 1 + p.hed_sigma, 3)
+            beta = rng.uniform(-p.hed_sigma, p.hed_sigma, 3)
+            out = hed_jitter(out, alpha, beta)
+        if rng.random() < p.p_jitter:
+            for op in rng.permutation(4):
+                if op == 0 and p.brightness > 0:
+                    out = adjust_brightness(out, rng.uniform(max(0, 1 - p.brightness), 1 + p.brightness))
+                elif op == 1 and p.contrast > 0:
+                    out = adjust_contrast(out, rng.uniform(max(0, 1 - p.contrast), 1 + p.contrast))
+                elif op == 2 and p.saturation > 0:
+                    out = adjust_saturation(out, rng.uniform(max(0, 1 - p.saturation), 1 + p.saturation))
+                elif op == 3 and p.hue > 0:
+                    out = adjust_hue(out, rng.uniform(-p.hue, p.hue))
+                out = np.clip(out, 0, 255)
+        if rng.random() < p.p_grey:
+            out = np.repeat(grey(out)[..., None], 3, axis=2)
+        if rng.random() < p.p_blur:
+            out = gaussian_blur(out, rng.uniform(*p.blur_sigma))
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)

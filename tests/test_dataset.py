@@ -1,0 +1,137 @@
+"""PatchDataset over HDF5 patch files, its collate, and the resumable distributed sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from preprocessing.h5format import write_patch_file
+from sgcl.data.dataset import DatasetError, PatchDataset, SampleTransform, collate, resolve_sources
+from sgcl.data.sampler import ResumableDistributedSampler
+from sgcl.transforms.crops import RandomResizedCropPolicy
+from sgcl.transforms.multicrop import QuadrantMultiCrop
+from sgcl.transforms.views import ViewBuilder
+
+from conftest import shared_path
+
+
+def make_cohort(folder: Path, counts=(3, 5, 1, 4, 2), size: int = 32, codec: str = "raw") -> list[Path]:
+    """Slides whose patch ``j`` of slide ``s`` is filled with value ``10*s + j`` (known answers)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s, n in enumerate(counts):
+        imgs = np.stack([np.full((size, size, 3), 10 * s + j, np.uint8) for j in range(n)])
+        grid = np.stack([np.arange(n) % 3, np.arange(n) // 3], 1)
+        paths.append(write_patch_file(folder / f"slide{s}.h5", imgs, grid * size, grid, codec=codec))
+    return paths
+
+
+def test_global_index_metadata_and_lru_handles(tmp_path):
+    make_cohort(tmp_path / "h5")
+    ds = PatchDataset(tmp_path / "h5", cache_files=2)
+    assert len(ds) == 15 and ds.num_slides == 5
+    assert ds.slide_ids == [f"slide{s}" for s in range(5)]
+    meta = ds.meta()
+    assert meta.num_patches == 15 and meta.num_slides == 5
+    assert meta.slide_of.tolist() == [0] * 3 + [1] * 5 + [2] + [3] * 4 + [4] * 2
+    assert meta.grid_of[3 + 4].tolist() == [1, 1]  # slide 1, patch 4 -> column 1, row 1
+    assert ds.open_files == 0, "metadata must come from grid/coords only, without keeping handles"
+    for index in list(range(15)) + list(range(14, -1, -1)):
+        item = ds[index]
+        slide, row = ds.locate(index)
+        assert item["slide"] == slide and int(item["image"][0, 0, 0]) == 10 * slide + row
+        assert ds.open_files <= 2
+    ds.close()
+
+
+def test_sources_folder_glob_list_and_duplicates(tmp_path):
+    paths = make_cohort(tmp_path / "h5")
+    listing = tmp_path / "slides.txt"
+    listing.write_text("# cohort\n" + "\n".join(f"h5/{p.name}" for p in paths[:2]) + "\n")
+    assert resolve_sources(listing) == paths[:2]
+    assert resolve_sources(str(tmp_path / "h5" / "slide[34].h5")) == paths[3:]
+    assert resolve_sources([tmp_path / "h5", paths[0]]) == paths
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty.*no \.h5 patch file"):
+        PatchDataset(tmp_path / "empty")
+    with pytest.raises(DatasetError, match=r"nowhere\.h5 does not exist"):
+        PatchDataset(tmp_path / "nowhere.h5")
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as f:
+        f.create_dataset("features", data=np.zeros((4, 8)))
+    with pytest.raises(DatasetError, match=r"wrong\.h5: not an sgcl patch file"):
+        PatchDataset(wrong)
+    not_h5 = tmp_path / "broken.h5"
+    not_h5.write_bytes(b"not an hdf5 file")
+    with pytest.raises(DatasetError, match=r"broken\.h5: cannot open as HDF5"):
+        PatchDataset(not_h5)
+    good = make_cohort(tmp_path / "h5", counts=(2,))
+    ds = PatchDataset([good[0], wrong], skip_bad=True)
+    assert len(ds) == 2 and ds.bad_files[0][0] == str(wrong)
+
+
+def test_views_and_collate_follow_the_batch_contract(tmp_path):
+    make_cohort(tmp_path / "h5", size=64)
+    builder = ViewBuilder(RandomResizedCropPolicy(32), photometric=None)
+    local = QuadrantMultiCrop(ViewBuilder(RandomResizedCropPolicy(16, scale=(0.2, 0.56)), photometric=None))
+    ds = PatchDataset(tmp_path / "h5", SampleTransform(builder, num_views=2, multicrop=local, normalize=False), seed=1)
+    items = [ds[i] for i in (0, 4, 9)]
+    batch = collate(items)
+    assert [v.shape for v in batch["views"]] == [(3, 3, 32, 32)] * 2
+    assert batch["views"][0].dtype == torch.uint8
+    assert batch["local"].shape == (12, 3, 16, 16)
+    assert batch["index"].tolist() == [0, 4, 9] and batch["slide"].tolist() == [0, 1, 3]
+    assert batch["grid"].tolist() == [[0, 0], [1, 0], [0, 0]]
+    assert [g.shape for g in batch["geoms"]] == [(3, 8)] * 2
+    # local crops ordered [tl(B), tr(B), bl(B), br(B)]: row q*B + b is quadrant q of sample b
+    for q in range(4):
+        for b, item in enumerate(items):
+            assert torch.equal(batch["local"][q * 3 + b], item["local"][q])
+    assert torch.equal(collate([ds[4]])["views"][0], collate([ds[4]])["views"][0]), "views are seeded per (seed, epoch, index)"
+    ds.set_epoch(1)
+    assert not torch.equal(batch["geoms"][0][1], collate([ds[4]])["geoms"][0][0])
+
+
+def test_real_patches_from_the_tiler(tmp_path):
+    from preprocessing.config import TileConfig
+    from preprocessing.slide_tiler import tile_slide
+
+    cfg = TileConfig()
+    cfg.patch.target_mpp, cfg.patch.patch_size = 2.0, 64
+    out = tile_slide(shared_path("wsi", "cmu-1-small-region.svs"), tmp_path / "cmu1.h5", cfg)
+    ds = PatchDataset(tmp_path / "cmu1.h5", SampleTransform(ViewBuilder(RandomResizedCropPolicy(48), None), num_views=1))
+    assert len(ds) > 5
+    item = ds[len(ds) - 1]
+    assert item["views"][0].shape == (3, 48, 48) and item["views"][0].dtype == torch.float32
+    assert out.n_patches == len(ds)
+    with h5py.File(tmp_path / "cmu1.h5", "r") as f:
+        assert np.array_equal(ds.grid_of, f["grid"][:].astype(np.int64))
+
+
+def test_sampler_partitions_ranks_and_resumes_mid_epoch():
+    n = 23
+    samplers = [ResumableDistributedSampler(n, 2, r, seed=4) for r in range(2)]
+    for s in samplers:
+        s.set_epoch(3)
+    a, b = list(samplers[0]), list(samplers[1])
+    assert len(a) == len(b) == 11 and not set(a) & set(b)
+    whole = ResumableDistributedSampler(n, 1, 0, seed=4)
+    whole.set_epoch(3)
+    full = list(whole)
+    whole.advance(7)
+    state = whole.state_dict()
+    resumed = ResumableDistributedSampler(n, 1, 0, seed=4)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the trainer re-enters the restored epoch: the position is kept
+    assert list(resumed) == full[7:]
+    resumed.set_epoch(4)
+    assert resumed.position == 0 and list(resumed) != full
+    with pytest.raises(ValueError, match="dataset has 24"):
+        ResumableDistributedSampler(24).load_state_dict(state)

@@ -189,7 +189,7 @@ def test_igu_without_images_is_a_clear_error_and_disjoint_views_give_zero():
         DenseBranch(32, DenseConfig(sampler="igu")).loss(feature_map(net, x), feature_map(net, x), g, g)
     far = torch.tensor(ViewGeometry(90, 90, 32, 32, 32, 32).to_array())[None]
     out = DenseBranch(32, DenseConfig()).loss(feature_map(net, x), feature_map(net, x), g, far)
-    assert float(out["loss"]) == 0.0 and float(out["dense_pairs"]) == 0
+    assert float(out["loss"].detach()) == 0.0 and float(out["dense_pairs"]) == 0
     out["loss"].backward()  # still connected to the graph (DDP needs every parameter used)
     with pytest.raises(ValueError, match="n_anchors"):
         DenseConfig(n_anchors=1)

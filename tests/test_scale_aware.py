@@ -25,7 +25,7 @@ def test_window_side_and_output_size(rho):
     for _ in range(100):
         b = native.sample(256, 256, rng)
         assert b.w == b.h == round(rho * 224) and _inside(b, 256, 256)
-    jit = SmallWindowCrop(rho=rho, size=224, size_jitter=0.1)
+    jit = SmallWindowCrop(rho=rho, size=224, size_jitter=0.1, resolution="zoom")
     sides = np.array([jit.sample(256, 256, rng).w for _ in range(300)])
     s = rho * 224
     assert sides.min() >= np.floor(0.9 * s) and sides.max() <= np.ceil(1.1 * s)
@@ -59,7 +59,7 @@ def test_proximity_guarantees_quarter_overlap_random_does_not(rho):
     assert min(ov_near) < 0.3 and max(ov_near) > 0.9  # the whole range up to the bound is used
     assert np.mean(np.array(ov_far) < 0.25) > 0.3  # random placement gives unrelated views
     # with size jitter the bound holds for the smaller window; also at the patch border (clamping)
-    jit = SmallWindowCrop(rho=rho, size=224, placement="proximity", size_jitter=0.1)
+    jit = SmallWindowCrop(rho=rho, size=224, placement="proximity", size_jitter=0.1, resolution="zoom")
     assert min(overlap_fraction(*jit.sample_pair(64, 300, rng)) for _ in range(500)) >= 0.25
 
 
@@ -99,7 +99,8 @@ def test_rejection_is_bounded_on_blank_patch():
 
 def test_bad_parameters_are_clear_errors():
     for kw, msg in [({"rho": 0}, "rho"), ({"rho": 2}, "rho"), ({"placement": "near"}, "placement"),
-                    ({"resolution": "big"}, "resolution"), ({"kappa": 1.5}, "kappa"), ({"size": 0}, "size")]:
+                    ({"resolution": "big"}, "resolution"), ({"kappa": 1.5}, "kappa"), ({"size": 0}, "size"),
+                    ({"size_jitter": 0.1, "resolution": "native"}, "cannot be batched")]:
         with pytest.raises(ValueError, match=msg):
             SmallWindowCrop(**kw)
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgcl.losses.pixel_info_nce import pixel_info_nce
+from sgcl.methods.base import PretrainMethod
 from sgcl.models.heads import DenseProjectionHead
 from sgcl.sampling.info_guided import entropy_map, sampling_weights
 from sgcl.sampling.stratified import stratified_group_sample
@@ -58,6 +59,7 @@ class DenseConfig:
     igu_box: int = 64
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    seed: int = 0               # anchor draws are seeded from (seed, step): identical across ranks and resumes
 
     def __post_init__(self) -> None:
         if self.n_anchors < 2:
@@ -68,10 +70,10 @@ class DenseConfig:
             raise ValueError(f"dense.groups={self.groups} must be >= 1")
 
 
-def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) feature map of a timm backbone: NCHW CNN output as is, NHWC (Swin-style)
-    permuted, ViT tokens with their prefix (class/register) tokens dropped and folded to a square."""
-    out = backbone.forward_features(x)
+def as_feature_map(backbone: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) view of a timm ``forward_features`` output: NCHW CNN maps as is, NHWC
+    (Swin-style) permuted, ViT tokens with their prefix (class/register) tokens dropped and folded
+    to a square."""
     num = getattr(backbone, "num_features", None)
     if out.ndim == 3:
         prefix = int(getattr(backbone, "num_prefix_tokens", 0))
@@ -82,7 +84,14 @@ def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
     if out.ndim == 4 and num is not None and out.shape[1] != num and out.shape[-1] == num:
         return out.permute(0, 3, 1, 2)
+    if out.ndim != 4:
+        raise ValueError(f"forward_features returned shape {tuple(out.shape)}; the dense branch needs a spatial feature map")
     return out
+
+
+def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) feature map of a timm backbone for the images ``x``."""
+    return as_feature_map(backbone, backbone.forward_features(x))
 
 
 class DenseBranch(nn.Module):
@@ -168,3 +177,105 @@ class DenseBranch(nn.Module):
             "loss_dense": raw.detach(),
             "dense_pairs": torch.tensor(float(pairs), device=raw.device),
         }
+
+
+class _FeatureTap:
+    """Installed as ``backbone.forward_features``: records ``(input, feature map)`` while active,
+    so the dense branch reuses the feature maps the global objective already computed. Holds the
+    module itself, so a ``copy.deepcopy`` of the backbone gets a tap bound to the copy."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.active = False
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, *args, **kwargs):
+        out = type(self.module).forward_features(self.module, x, *args, **kwargs)
+        if self.active:
+            self.records.append((x, out))
+        return out
+
+    def start(self) -> None:
+        self.records, self.active = [], True
+
+    def stop(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rec, self.records, self.active = self.records, [], False
+        return rec
+
+
+def _find_rows(records: list[tuple[torch.Tensor, torch.Tensor]], view: torch.Tensor) -> torch.Tensor | None:
+    """The feature rows computed for ``view`` (directly, or as a slice of a concatenated batch)."""
+    b = view.shape[0]
+    for x, out in records:
+        if x.shape[1:] != view.shape[1:] or x.shape[0] % b or out.shape[0] != x.shape[0]:
+            continue
+        for k in range(x.shape[0] // b):
+            part = x[k * b : (k + 1) * b]
+            if (part.data_ptr() == view.data_ptr() and part.stride() == view.stride()) or torch.equal(part, view):
+                return out[k * b : (k + 1) * b]
+    return None
+
+
+class DenseMethod(PretrainMethod):
+    """Any pretraining method plus the dense branch: ``loss = base loss + weight · dense loss``.
+
+    The base method runs unchanged; the feature maps of the two global views are taken from its
+    own backbone passes (a tap on ``forward_features``) when it computed them with gradient, and
+    computed here otherwise (e.g. MoCo's second view, which only the key encoder sees, or SGCL
+    with one global view — the wrapper then asks the data pipeline for two views).
+    """
+
+    def __init__(self, base: PretrainMethod, cfg: DenseConfig):
+        super().__init__(base.backbone)
+        self.base = base
+        self.num_views = max(2, int(base.num_views))
+        self.needs_local = base.needs_local
+        in_dim = getattr(base.backbone, "num_features", None)
+        if not isinstance(in_dim, int):
+            raise ValueError("the dense branch needs a timm backbone with an integer num_features")
+        self.dense = DenseBranch(in_dim, cfg)
+        self._tap = _FeatureTap(base.backbone)
+        base.backbone.forward_features = self._tap  # instance attribute: timm's forward() calls it
+
+    def on_train_start(self, meta) -> None:
+        self.base.on_train_start(meta)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.base.on_epoch_start(epoch)
+
+    @torch.no_grad()
+    def on_after_step(self, out: dict[str, torch.Tensor]) -> None:
+        self.base.on_after_step(out)
+
+    def extra_state(self) -> dict:
+        return self.base.extra_state()
+
+    def load_extra_state(self, state: dict) -> None:
+        self.base.load_extra_state(state)
+
+    def _view_features(self, records, view: torch.Tensor) -> torch.Tensor:
+        rows = _find_rows(records, view)
+        if rows is None:
+            return feature_map(self.backbone, view)
+        return as_feature_map(self.backbone, rows)
+
+    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+        views, geoms = batch["views"], batch.get("geoms")
+        if len(views) < 2 or geoms is None or len(geoms) < 2:
+            raise ValueError("the dense branch needs two global views and their geometries (batch['views'], batch['geoms'])")
+        self._tap.start()
+        try:
+            out = dict(self.base(batch, epoch, step))
+        finally:
+            records = self._tap.stop()
+        records = [(x, f) for x, f in records if f.requires_grad or not torch.is_grad_enabled()]
+        fa = self._view_features(records, views[0])
+        fb = self._view_features(records, views[1])
+        if self.dense.generator is None:
+            self.dense.generator = torch.Generator()
+        self.dense.generator.manual_seed(int(self.dense.cfg.seed) * 1_000_003 + int(step) * 7919 + 17)
+        d = self.dense.loss(fa, fb, geoms[0], geoms[1], images_a=views[0] if self.dense.cfg.sampler == "igu" else None)
+        out["loss"] = out["loss"] + d["loss"].to(out["loss"].dtype)
+        out["loss_dense"] = d["loss_dense"]
+        out["dense_pairs"] = d["dense_pairs"]
+        return out

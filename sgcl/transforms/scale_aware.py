@@ -83,6 +83,9 @@ class SmallWindowCrop:
             raise ValueError(f"SmallWindowCrop: size_jitter={self.size_jitter} must be in [0, 1)")
         if self.max_tries < 1:
             raise ValueError("SmallWindowCrop: max_tries must be >= 1")
+        if self.resolution == "native" and self.size_jitter > 0:
+            raise ValueError("SmallWindowCrop: native resolution with size_jitter > 0 gives views of different sizes "
+                             "that cannot be batched; use resolution='zoom' or size_jitter=0")
 
     @property
     def out_size(self) -> int | None:
@@ -173,3 +176,28 @@ def overlap_fraction(a: CropBox, b: CropBox) -> float:
     ix = max(0.0, min(a.x0 + a.w, b.x0 + b.w) - max(a.x0, b.x0))
     iy = max(0.0, min(a.y0 + a.h, b.y0 + b.h) - max(a.y0, b.y0))
     return ix * iy / min(a.w * a.h, b.w * b.h)
+
+
+@dataclass
+class SmallWindowConfig:
+    """The ``aug.small_window`` section of a pretraining config (used when ``aug.crop=small_window``
+    for the global views, and/or ``aug.local_crop=small_window`` for the multi-crop local views;
+    ``L`` is ``aug.global_size`` resp. ``aug.local_size``)."""
+
+    rho: float = 0.25
+    placement: Literal["random", "proximity"] = "proximity"
+    resolution: Literal["native", "zoom"] = "native"
+    kappa: float = 0.5
+    size_jitter: float = 0.0
+    min_std: float = 0.0
+    min_tissue: float = 0.0
+    background: int = 220
+    max_tries: int = 10
+
+
+def small_window_policy(out_size: int | None, scale=None, **options) -> SmallWindowCrop:  # noqa: ANN001
+    """Factory for ``sgcl.transforms.crops.build_crop_policy``: ``out_size`` is the reference side L
+    (``scale`` belongs to RandomResizedCrop and is ignored); ``options`` = ``SmallWindowConfig`` fields."""
+    if out_size is None:
+        raise ValueError("the small-window crop needs a reference size L (aug.global_size / aug.local_size)")
+    return SmallWindowCrop(size=int(out_size), **options)

@@ -151,7 +151,7 @@ class PatchDataset(Dataset):
         s = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return s, int(index - self.offsets[s])
 
-    def meta(self, radius: int = 3) -> DatasetMeta:
+    def meta(self, radius: float = 3.0) -> DatasetMeta:
         """``DatasetMeta`` for ``PretrainMethod.on_train_start`` (spatial index of grid radius ``radius``)."""
         slide_of = torch.from_numpy(self.slide_of)
         grid_of = torch.from_numpy(self.grid_of)

@@ -24,7 +24,6 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = True
     skip_bad_files: bool = False        # drop invalid files with a warning instead of stopping
-    neighbor_radius: int = 3            # spatial neighbourhood radius in grid cells (methods.md §1.5)
 
 
 @dataclass

@@ -167,7 +167,7 @@ class Trainer:
         method.to(self.device)
         if cfg.model.channels_last:
             method.to(memory_format=torch.channels_last)
-        method.on_train_start(self.dataset.meta(cfg.data.neighbor_radius))
+        method.on_train_start(self.dataset.meta(cfg.method.sgcl.radius))
         if cfg.model.compile:
             method.backbone.compile()
         self.method = method
@@ -297,7 +297,7 @@ class Trainer:
         if bad.item() > 0:
             last = self.ckpt_dir / LAST_NAME
             keep = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written yet"
-            vals = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1)
+            vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1)
             raise NonFiniteLossError(
                 f"the loss is not finite at step {self.global_step} (epoch {self.sampler.epoch}; {vals}); training stopped and "
                 f"{keep}. Lower optim.lr, raise optim.warmup_epochs, or use train.precision=bf16/fp32 instead of fp16.")

@@ -84,15 +84,21 @@ def mine_negatives(
     generator: torch.Generator | None = None,
     chunk: int = 0,
     valid: torch.Tensor | None = None,
+    pool: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative indices into ``keys`` for each row of ``query``.
 
     ``query`` (B, F) and ``keys`` (N, F) are the unit-norm features used for *ranking* (SGCL:
     backbone features and the backbone bank). ``exclude`` (B, E) int64 (−1 padded): self and
     positives. ``valid`` (N,) bool marks usable keys (e.g. filled queue slots).
+    ``pool > 0``: rank within ``pool`` rows drawn uniformly (shared by the batch) instead of all N,
+    so time and memory stay bounded at 50M rows; the rank positions keep the same Beta shape
+    over the pool's top ``⌈frac·pool⌉``, i.e. the same similarity quantiles in expectation.
     Returns ``(index (B, k'), mask (B, k'))``; masked entries are not negatives.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    if pool > 0 and pool < keys.shape[0] and mode != "uniform":
+        return _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool)
     n = keys.shape[0]
     device = query.device
     if valid is not None:
@@ -113,3 +119,15 @@ def mine_negatives(
     idx = top_i[:, positions]
     mask = torch.isfinite(top_v[:, positions])
     return idx, mask
+
+
+def _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool):
+    n = keys.shape[0]
+    device = query.device
+    rows = torch.randint(0, n, (int(pool),), generator=gen).unique().to(device)  # sorted, distinct
+    ex = exclude.to(device)
+    pos = torch.searchsorted(rows, ex.clamp_min(0)).clamp_max(rows.numel() - 1)
+    local_ex = torch.where((ex >= 0) & (rows[pos] == ex), pos, torch.full_like(ex, -1))
+    sub_valid = None if valid is None else valid.to(device)[rows]
+    idx, mask = mine_negatives(query, keys.index_select(0, rows), local_ex, k, mode, frac, a, b, gen, chunk, sub_valid, pool=0)
+    return rows[idx], mask

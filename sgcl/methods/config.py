@@ -30,6 +30,7 @@ class SGCLConfig:
     kmeans_seed: int = 1234       # run r uses seed + r
     mining: Literal["semi_hard", "hardest", "uniform"] = "semi_hard"
     mining_frac: float = 0.2      # semi-hard: rank positions over the top ⌈frac·N⌉
+    mining_pool: int = 0          # rank within this many random bank rows per step (0 = all N, as the reference)
     beta_a: float = 5.0
     beta_b: float = 15.0
     denominator: Literal["faithful", "clean"] = "faithful"  # C_i = N − |P_i| (reference) or 0

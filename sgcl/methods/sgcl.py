@@ -116,6 +116,7 @@ class SGCL(PretrainMethod):
             if s.inter_term:
                 c = effective_clusters(cfg.moco.queue_size, s.kmeans_clusters)
                 self.register_buffer("centroids", torch.zeros(s.kmeans_runs, c, cfg.proj_dim, device=device))
+                self.register_buffer("has_centroids", torch.tensor(False, device=device))
         else:
             self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed).to(device)
             if self.ranks_by_backbone:
@@ -131,7 +132,7 @@ class SGCL(PretrainMethod):
         # Banks, queues and labels are kept identical on every rank by all-gathered updates and
         # broadcasts; DDP must not re-broadcast them from rank 0 at every forward (GBs at scale).
         self._ddp_params_and_buffers_to_ignore = [
-            name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "clustered_epoch")
+            name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "has_centroids", "clustered_epoch")
         ]
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -143,10 +144,12 @@ class SGCL(PretrainMethod):
         if self.queue_mode:
             valid = self.queue.valid()
             n_valid = int(valid.sum())
-            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: keep no clusters
+            if n_valid < max(4, s.kmeans_clusters // 10):  # queue still (nearly) empty: no clusters this epoch
+                self.clustered_epoch.fill_(int(epoch))      # decided for this epoch (a resume must agree)
                 return
             keys = self.queue.keys[valid].float()
             c = fit_and_broadcast_centroids(keys, self.centroids, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
+            self.has_centroids.fill_(True)
             log.info("epoch %d: k-means on %d queued keys, %d clusters × %d runs", epoch, n_valid, c, s.kmeans_runs)
         else:
             c = fit_and_broadcast(self.bank.weight, self.clusters, s.kmeans_clusters, s.kmeans_iters, s.kmeans_seed)
@@ -204,17 +207,8 @@ class SGCL(PretrainMethod):
                 loss = loss + s.lambda_single * l_single
                 out["loss_single"] = l_single.detach()
             if self.uses_spatial_loss:
-                pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+                pos_idx, pos_mask, neg_idx, neg_mask, diag = self.positive_negative_sets(q, hb, idx, step)
                 pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
-                exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
-                if self.ranks_by_backbone:
-                    rank_q, rank_keys = hb, self.bank_b.weight
-                else:
-                    rank_q, rank_keys = q, self.bank.weight
-                neg_idx, neg_mask = mine_negatives(
-                    rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-                    generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
-                )
                 neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
                 l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
                 w = sigmoid_rampup(epoch, s.rampup_epochs)
@@ -238,6 +232,26 @@ class SGCL(PretrainMethod):
                 self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
             out["loss"] = loss
         return out
+
+    @torch.no_grad()
+    def positive_negative_sets(self, q: torch.Tensor, hb: torch.Tensor, idx: torch.Tensor, step: int):
+        """Memory mode: padded positive set ``P_i`` and mined negatives ``H_i`` of each anchor.
+
+        Returns ``(pos_idx, pos_mask, neg_idx, neg_mask, diagnostics)``; all indices are global
+        patch indices. Negatives never contain the anchor or any of its positives.
+        """
+        s, cfg = self.cfg.sgcl, self.cfg
+        pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+        exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
+        if self.ranks_by_backbone:
+            rank_q, rank_keys = hb, self.bank_b.weight
+        else:
+            rank_q, rank_keys = q, self.bank.weight
+        neg_idx, neg_mask = mine_negatives(
+            rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
+            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk, pool=s.mining_pool,
+        )
+        return pos_idx, pos_mask, neg_idx, neg_mask, diag
 
     @torch.no_grad()
     def _positives_memory(self, q: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -363,7 +377,7 @@ class SGCL(PretrainMethod):
         sp = (cand_s.unsqueeze(0) == slide.unsqueeze(1)) & (d2 > 0) & (d2 < s.radius**2) & not_self
         mask = sp.clone() if s.intra_term else torch.zeros_like(sp)
         n_se = torch.zeros(idx.shape[0], device=idx.device)
-        if s.inter_term and int(self.clustered_epoch) >= 0:
+        if s.inter_term and bool(self.has_centroids):
             lab_c = torch.stack([assign_clusters(cand_k, c) for c in self.centroids])   # (R, M)
             lab_q = torch.stack([assign_clusters(k, c) for c in self.centroids])        # (R, B) anchor = own key
             kk = min(s.nei_k, cand_k.shape[0])

@@ -127,3 +127,21 @@ def test_shipped_scale_and_dense_configs_load():
         assert yaml.safe_load(f.read_text())
         transform = build_sample_transform(cfg.aug, 2, cfg.method.name == "sgcl")
         assert transform is not None
+
+
+def test_stop_and_resume_with_dense_term_is_exact(h5_dir, tmp_path):
+    torch.set_num_threads(1)
+    extra = ["method.dense.sampler=arco_sag", "train.max_steps=3", "train.ckpt_every=100", "train.export=false"]
+    full = Trainer(_cfg(h5_dir, tmp_path / "full", "simclr", extra))
+    rows_full = full.fit()
+    full.close()
+    first = Trainer(_cfg(h5_dir, tmp_path / "split", "simclr", extra))
+    first.fit(stop_after_steps=2)
+    first.close()
+    resumed = Trainer(_cfg(h5_dir, tmp_path / "split", "simclr", extra))  # auto-resume from last.pt
+    rest = resumed.fit()
+    resumed.close()
+    assert [r["step"] for r in rest] == [3]
+    ref = {r["step"]: r for r in rows_full}[3]
+    for key in ("loss", "loss_dense", "dense_pairs"):
+        assert rest[0][key] == ref[key], key

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SEG_CLI = [sys.executable, "-m", "evaluation.segmentation.cli"]  # = `sgcl eval seg` (callable without evaluation.cli)
 
 #: setting name -> pretraining overrides on top of the common ones
 SETTINGS: dict[str, list[str]] = {
@@ -97,7 +98,7 @@ def finetune(name: str, encoder: str, args, task: Path, seed: int) -> dict:
     run = args.out / "seg" / f"{name}_s{seed}"
     res = run / "results.json"
     if not res.is_file():
-        cmd = [sys.executable, "-m", "sgcl.cli", "eval", "seg", "--encoder", encoder, "--data", str(task), "--out", str(run),
+        cmd = [*SEG_CLI, "--encoder", encoder, "--data", str(task), "--out", str(run),
                "--label-fraction", str(args.label_fraction), "--epochs", str(args.seg_epochs), "--device", args.device,
                "--seed", str(seed), "--quiet", f"train.steps_per_epoch={args.seg_steps}", f"train.patch_size={args.seg_patch}",
                "train.num_workers=0"]
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     h5_dir = args.h5_dir or tile_demo(args.out, 224)
     task = args.task or args.out / "nuclei_task"
     if not (task / "task.json").is_file():
-        _run([sys.executable, "-m", "sgcl.cli", "eval", "seg", "build-nuclei", "--out", str(task)], args.out / "build_nuclei.log")
+        _run([*SEG_CLI, "build-nuclei", "--out", str(task)], args.out / "build_nuclei.log")
     rows = []
     todo = ([] if args.no_random_init else [("random_init", None)]) + [(n, n) for n in names]
     for label, setting in todo:

@@ -38,6 +38,7 @@ from sgcl.methods.base import DatasetMeta  # noqa: E402
 from sgcl.methods.config import MethodConfig, build_method  # noqa: E402
 from sgcl.models.backbone import create_backbone  # noqa: E402
 from sgcl.train.config import AugConfig  # noqa: E402
+from sgcl.transforms.gpu import GPUPhotometric  # noqa: E402
 
 VARIANTS = {
     "moco_v2": ("moco_v2", {}),
@@ -63,59 +64,77 @@ def synthetic_meta(n: int, slides: int = 16) -> DatasetMeta:
 
 
 def method_config(name: str, sgcl_overrides: dict, args) -> MethodConfig:
-    overrides = [f"name={name}", f"sgcl.num_negatives={min(args.bank_rows, 65536)}",
+    overrides = [f"name={name}", f"sgcl.num_negatives={min(args.bank_rows, 65536)}", f"sgcl.kmeans_clusters={args.kmeans_clusters}",
                  f"sgcl.nei_k={min(args.bank_rows // 4, 4096)}", f"moco.queue_size={args.queue}"]
     overrides += [f"sgcl.{k}={v}" for k, v in sgcl_overrides.items()]
     return load_config(MethodConfig, None, overrides)
 
 
-def time_steps(variant: str, args, device: torch.device) -> dict:
-    name, sgcl_over = VARIANTS[variant]
-    torch.manual_seed(0)
-    cfg = method_config(name, sgcl_over, args)
-    method = build_method(cfg, create_backbone(args.backbone)).to(device)
-    if args.channels_last:
-        method.to(memory_format=torch.channels_last)
-    method.on_train_start(synthetic_meta(args.bank_rows))
-    t0 = time.perf_counter()
-    method.on_epoch_start(0)
-    kmeans_s = time.perf_counter() - t0
-    method.train()
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    b, s, ls = args.batch, args.size, args.local_size
-    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+class StepRunner:
+    """One method with its optimiser and a synthetic batch; ``run(k)`` times ``k`` training steps."""
 
-    def images(n: int, size: int) -> torch.Tensor:
-        return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=mf)
+    def __init__(self, variant: str, args, device: torch.device):
+        name, sgcl_over = VARIANTS[variant]
+        torch.manual_seed(0)
+        self.variant, self.args, self.device = variant, args, device
+        cfg = method_config(name, sgcl_over, args)
+        method = build_method(cfg, create_backbone(args.backbone)).to(device)
+        if args.channels_last:
+            method.to(memory_format=torch.channels_last)
+        method.on_train_start(synthetic_meta(args.bank_rows))
+        t0 = time.perf_counter()
+        method.on_epoch_start(0)
+        self.kmeans_s = time.perf_counter() - t0
+        method.train()
+        self.method = method
+        self.opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        b, s, ls = args.batch, args.size, args.local_size
+        mf = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    batch = {"views": [images(b, s) for _ in range(method.num_views)],
-             "index": torch.randperm(args.bank_rows)[:b].to(device)}
-    batch["slide"] = torch.zeros(b, dtype=torch.long, device=device)
-    batch["grid"] = torch.zeros(b, 2, dtype=torch.long, device=device)
-    if method.needs_local:
-        batch["local"] = images(4 * b, ls)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = method(batch, 1, step)
-        scaler.scale(out["loss"]).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        method.on_after_step(out)
-        batch["index"] = torch.randperm(args.bank_rows)[:b].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    return {"variant": variant, "step_s": med, "img_per_s": b / med, "kmeans_s": kmeans_s,
-            "views": f"{method.num_views}x{s}" + (f" + 4x{ls}" if method.needs_local else "")}
+        def images(n: int, size: int) -> torch.Tensor:
+            return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=mf)
+
+        self.gpu_aug = GPUPhotometric() if args.gpu_aug else None
+        if self.gpu_aug is not None:  # uint8 crops from the loader; jitter + normalise timed in the step
+            self.raw = {"views": [torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device) for _ in range(method.num_views)]}
+            if method.needs_local:
+                self.raw["local"] = torch.randint(0, 256, (4 * b, 3, ls, ls), dtype=torch.uint8, device=device)
+        self.batch = {"views": [images(b, s) for _ in range(method.num_views)],
+                      "index": torch.randperm(args.bank_rows)[:b].to(device),
+                      "slide": torch.zeros(b, dtype=torch.long, device=device),
+                      "grid": torch.zeros(b, 2, dtype=torch.long, device=device)}
+        if method.needs_local:
+            self.batch["local"] = images(4 * b, ls)
+        self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.views = f"{method.num_views}x{s}" + (f" + 4x{ls}" if method.needs_local else "")
+        self.times: list[float] = []
+        self.step = 0
+
+    def run(self, k: int, record: bool = True) -> None:
+        m, dev = self.method, self.device
+        for _ in range(k):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            if self.gpu_aug is not None:
+                mf = torch.channels_last if self.args.channels_last else torch.contiguous_format
+                self.batch["views"] = [self.gpu_aug(v).contiguous(memory_format=mf) for v in self.raw["views"]]
+                if "local" in self.raw:
+                    self.batch["local"] = self.gpu_aug(self.raw["local"]).contiguous(memory_format=mf)
+            with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+                out = m(self.batch, 1, self.step)
+            self.scaler.scale(out["loss"]).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            m.on_after_step(out)
+            self.batch["index"] = torch.randperm(self.args.bank_rows)[: self.args.batch].to(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            self.step += 1
+            if record:
+                self.times.append(time.perf_counter() - t)
 
 
 def tile_demo(folder: Path, patch_size: int) -> Path:
@@ -131,17 +150,10 @@ def tile_demo(folder: Path, patch_size: int) -> Path:
 
 
 def loader_rate(h5: Path, aug: AugConfig, num_views: int, needs_local: bool, seconds: float) -> float:
-    """Patches/s of one loader worker: dataset[i] = read + decode + views + jitter + to-tensor."""
-    from sgcl.data.dataset import PatchDataset
-    from sgcl.train.trainer import build_sample_transform
-
-    ds = PatchDataset(h5, build_sample_transform(aug, num_views, needs_local))
-    n, i, t0 = 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 20:
-        ds[i % len(ds)]
-        i += 7
-        n += 1
-    return n / (time.perf_counter() - t0)
+    """Patches/s of one loader worker process (read + decode + views + jitter + to-tensor + collate),
+    measured through a DataLoader with one worker, as in training (torch uses 1 thread there)."""
+    batches = max(4, int(seconds * 4))
+    return dataloader_rate(h5, aug, num_views, needs_local, 1, 16, batches)
 
 
 def dataloader_rate(h5: Path, aug: AugConfig, num_views: int, needs_local: bool, workers: int, batch: int, batches: int) -> float:
@@ -175,13 +187,21 @@ def main(argv=None) -> int:
     p.add_argument("--queue", type=int, default=16384, help="MoCo / SGCL-queue length")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8 CPU, 30 CUDA)")
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved passes over the variants (alternating order)")
+    p.add_argument("--kmeans-clusters", type=int, default=None, help="SGCL k-means clusters (default 1000 CUDA, 100 CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--crop", default="rrc", help="crop policy of the loader benchmark (sgcl.transforms.crops)")
     p.add_argument("--loader-seconds", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="also time a real DataLoader with this many workers")
     p.add_argument("--no-loader", action="store_true")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--loader-only", action="store_true", help="skip the step timing (loader part only)")
+    p.add_argument("--target-img-s", type=float, default=None,
+                   help="consumption rate to size the loader against (default: the measured model rate)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on for CUDA, off for the CPU (CPU BatchNorm is slow in channels_last)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the on-device colour jitter inside the step (aug.gpu); default on for CUDA")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--rho", nargs="?", const="", default=None,
                    help="sweep mode (benchmarks/rho_sweep.py): step and loader throughput against the small-window size "
@@ -197,7 +217,12 @@ def main(argv=None) -> int:
     args.batch = args.batch or (128 if cuda else 32)
     args.size = args.size or (224 if cuda else 112)
     args.local_size = args.local_size or max(16, round(args.size * 96 / 224))
-    args.steps = args.steps or (30 if cuda else 8)
+    args.steps = args.steps or (40 if cuda else 8)
+    args.kmeans_clusters = args.kmeans_clusters or (1000 if cuda else 100)
+    if args.channels_last is None:
+        args.channels_last = cuda
+    if args.gpu_aug is None:
+        args.gpu_aug = cuda
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     args.loader_seconds = args.loader_seconds or (5.0 if cuda else 3.0)
     if args.threads:
@@ -219,10 +244,20 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rho_sweep": sweep}, indent=2, default=str))
         return 0
     results: dict = {"args": vars(args), "steps": [], "loader": {}}
-    base = None
-    for variant in args.variants.split(","):
-        r = time_steps(variant, args, device)
-        base = base or (r["step_s"] if variant == "moco_v2" else None)
+    variants = [] if args.loader_only else args.variants.split(",")
+    runners = {v: StepRunner(v, args, device) for v in variants}
+    for r in runners.values():
+        r.run(args.warmup, record=False)
+    per_round = max(1, args.steps // args.rounds)
+    for rnd in range(args.rounds):  # interleave so a shared machine's load drifts hit every variant alike
+        for variant in (variants if rnd % 2 == 0 else variants[::-1]):
+            runners[variant].run(per_round)
+    runs = {v: {"variant": v, "views": r.views, "kmeans_s": r.kmeans_s, "times": r.times} for v, r in runners.items()}
+    base = statistics.median(runs["moco_v2"]["times"]) if "moco_v2" in runs else None
+    for variant in variants:
+        r = runs[variant]
+        r["step_s"] = statistics.median(r.pop("times"))
+        r["img_per_s"] = args.batch / r["step_s"]
         r["ratio_to_moco_v2"] = r["step_s"] / base if base else float("nan")
         results["steps"].append(r)
         print(f"  {variant:<15} {r['views']:<18} step {r['step_s'] * 1000:8.1f} ms  {r['img_per_s']:8.1f} img/s  "
@@ -243,18 +278,23 @@ def main(argv=None) -> int:
         print(f"loader ({args.crop} crops, JPEG patches of the demo slide):")
         for label, rate in rates.items():
             key = "sgcl" if label.startswith("sgcl") else "moco_v2"
-            need = by_variant[key]["img_per_s"] / rate if key in by_variant and "total" not in label else float("nan")
-            results["loader"][label] = {"patches_per_s": rate, "workers_needed": need}
-            extra = f"  -> {need:.1f} workers to feed {by_variant[key]['img_per_s']:.0f} img/s" if need == need else ""
+            consume = args.target_img_s or (by_variant[key]["img_per_s"] if key in by_variant else None)
+            need = consume / rate if consume and "total" not in label else float("nan")
+            results["loader"][label] = {"patches_per_s": rate, "workers_needed": need, "consumption_img_s": consume}
+            extra = f"  -> {need:.2f} workers to feed {consume:.0f} img/s" if need == need else ""
             print(f"  {label:<42} {rate:8.1f} patches/s{extra}")
-        if cuda:
+        if by_variant:
             cores = os.cpu_count() or 1
             for key in ("sgcl", "moco_v2"):
                 if key in by_variant:
-                    label = "sgcl (1 global + 4 local, CPU jitter)" if key == "sgcl" else "moco_v2 (2 global, CPU jitter)"
-                    need = results["loader"][label]["workers_needed"]
-                    verdict = "keeps up" if need <= cores - 2 else "is the bottleneck"
-                    print(f"  {key}: needs {need:.1f} workers, {cores} cores here: the loader {verdict}")
+                    labels = (["sgcl (1 global + 4 local, CPU jitter)", "sgcl, aug.gpu (crops only)"] if key == "sgcl"
+                              else ["moco_v2 (2 global, CPU jitter)"])
+                    for label in labels:
+                        need = by_variant[key]["img_per_s"] / results["loader"][label]["patches_per_s"]
+                        verdict = "keeps up" if need <= max(1, cores - 2) else "is the bottleneck"  # 2 cores for the trainer
+                        results["loader"][label][f"verdict_{key}"] = verdict
+                        print(f"  {key} at {by_variant[key]['img_per_s']:.0f} img/s with {label}: needs {need:.1f} workers, "
+                              f"{cores} cores here: the loader {verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -107,8 +107,10 @@ def make_grid(geom: PatchGeometry, level_dimensions: Sequence[tuple[int, int]]) 
 
 def integral_image(mask: np.ndarray) -> np.ndarray:
     """Summed-area table with a zero first row/column: ``S[y, x] = mask[:y, :x].sum()``."""
-    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1, out=s[1:, 1:])
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype)
+    np.cumsum(mask, axis=0, dtype=dtype, out=s[1:, 1:])
+    np.cumsum(s[1:, 1:], axis=1, out=s[1:, 1:])
     return s
 
 
@@ -131,7 +133,7 @@ def tissue_fractions(mask: np.ndarray, mask_scale: tuple[float, float], grid: Gr
     h, w = mask.shape
     xa, xb = cell_bounds(grid.x0, size0, mask_scale[0], w)
     ya, yb = cell_bounds(grid.y0, size0, mask_scale[1], h)
-    total = s[yb][:, xb] - s[ya][:, xb] - s[yb][:, xa] + s[ya][:, xa]
+    total = (s[np.ix_(yb, xb)].astype(np.int64) - s[np.ix_(ya, xb)] - s[np.ix_(yb, xa)] + s[np.ix_(ya, xa)])
     area = (yb - ya)[:, None] * (xb - xa)[None, :]
     return (total / np.maximum(area, 1)).astype(np.float32)
 

@@ -258,7 +258,9 @@ class PatchFile:
             out_sorted = np.stack([decode_jpeg(b) for b in raw])
         else:
             uniq, inverse = np.unique(sorted_idx, return_inverse=True)
-            out_sorted = ds[uniq][inverse]  # h5py fancy indexing needs increasing unique indices
+            # one slice per contiguous run: h5py fancy indexing is ~50x slower than plain slices
+            runs = np.split(uniq, np.nonzero(np.diff(uniq) != 1)[0] + 1)
+            out_sorted = np.concatenate([ds[int(r[0]):int(r[-1]) + 1] for r in runs])[inverse]
         out = np.empty_like(out_sorted)
         out[order] = out_sorted
         return out

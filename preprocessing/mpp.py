@@ -3,6 +3,13 @@
 Priority: per-slide override (the input CSV's ``mpp`` column) > header > ``assume_mpp``. The value
 is used exactly as found — never rounded to a nominal magnification (cf. TRIDENT #119) — and
 returned with its source (``header:<key>``, ``csv``, ``assume-mpp``).
+
+Header keys, in order: ``openslide.mpp-x/-y`` (OpenSlide fills them for Aperio, Hamamatsu NDPI,
+MIRAX, Leica, Ventana, DICOM and generic TIFFs with a resolution), ``aperio.MPP``, the MIRAX
+``MICROMETER_PER_PIXEL_X/Y`` keys, ``openslide.mirax.MPP``, then ``tiff.XResolution`` with
+``tiff.ResolutionUnit``. ``hamamatsu.XResolution`` is not used: tools disagree on its unit
+(TRIDENT reads it as µm/px, others as px/cm), and OpenSlide already derives ``openslide.mpp-x`` for
+NDPI from the TIFF resolution.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,8 +30,8 @@ from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
 from .tissue import background_fraction, detect_tissue
 
 TILER_VERSION = 1             # bump when a code change alters the output for the same parameters
-MAX_BAND_PIXELS = 1 << 23     # pixels per region read (≈ 32 MB RGBA): bounds peak memory
-WRITE_BATCH = 256             # patches per append to the HDF5 file
+MAX_BAND_PIXELS = 1 << 21     # pixels per region read (≈ 8 MB RGBA): bounds peak memory
+WRITE_BATCH = 128             # patches per append to the HDF5 file (2 batches in flight)
 QC_THUMBNAIL = 1024           # longer side of the QC picture, px
 
 
@@ -74,9 +75,26 @@ def params_hash(cfg: TileConfig, reader: str, mpp: float) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None) -> str:
+    """The ``params_hash`` that ``tile_slide`` would record for ``path`` (opens the header only, reads no
+    pixels): a cohort runner compares it with an existing file's attr to decide skip vs redo.
+    Raises :class:`SlideError` like ``tile_slide`` for unopenable slides or a missing µm/px."""
+    path = Path(path)
+    reader = _open(path, cfg)
+    try:
+        try:
+            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
+        except MppError as exc:
+            raise SlideError(str(exc)) from exc
+        return params_hash(cfg, reader.name, mpp.value)
+    finally:
+        reader.close()
+
+
 def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int) -> list[np.ndarray]:
-    """Split sorted kept columns into runs read as one region: break at gaps wider than one patch
-    or when the region would exceed ``max_width`` pixels."""
+    """Split sorted kept columns into runs read as one region: break wherever the next cell does not
+    touch or overlap the previous one (reading a gap costs as much as reading a patch: OpenSlide's
+    per-call overhead is small, its per-pixel cost is not) or the region would exceed ``max_width``."""
     runs, start = [], 0
     for i in range(1, len(cols) + 1):
         if i == len(cols):
@@ -84,7 +102,7 @@ def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int)
             break
         gap = x_level[cols[i]] - (x_level[cols[i - 1]] + read_size)
         width = x_level[cols[i]] + read_size - x_level[cols[start]]
-        if gap > read_size or width > max_width:
+        if gap > 0 or width > max_width:
             runs.append(cols[start:i])
             start = i
     return runs
@@ -144,15 +162,17 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
         # -- patches --------------------------------------------------------------------
         t1 = time.perf_counter()
         stats = {"n_candidates": int(keep.sum()), "n_background": 0, "n_reads": 0}
-        out_coords: list[np.ndarray] = []
         with atomic_path(out_h5) as tmp:
             writer = PatchWriter(tmp, pc.patch_size, codec=cfg.output.codec, quality=cfg.output.jpeg_quality,
                                  gzip_level=cfg.output.gzip_level)
             try:
-                _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, out_coords, progress, slide_id)
+                _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, progress, slide_id)
                 seconds_patches = time.perf_counter() - t1
-                coords = np.concatenate(out_coords) if out_coords else np.zeros((0, 2), np.int64)
-                if writer.n == 0:
+                coords = writer.coords[:]  # read back: nothing per patch is kept in memory while tiling
+                if grid.n_cols == 0 or grid.n_rows == 0:
+                    warnings.append(f"no patches: the slide ({w0}x{h0} px) is smaller than one patch "
+                                    f"({geom.patch_size_level0:.1f} level-0 px at {pc.target_mpp:g} um/px)")
+                elif writer.n == 0:
                     warnings.append("no patches: no grid cell passed the tissue and background filters")
                 attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
                                     {"tissue": seconds_tissue, "patches": seconds_patches,
@@ -179,61 +199,80 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
 
 
 def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.ndarray, keep: np.ndarray,
-                    cfg: TileConfig, writer: PatchWriter, stats: dict, out_coords: list, progress: bool,
+                    cfg: TileConfig, writer: PatchWriter, stats: dict, progress: bool,
                     slide_id: str) -> None:
-    tc, r, L = cfg.tissue, geom.read_size, geom.read_level
+    tc, r, L, P = cfg.tissue, geom.read_size, geom.read_level, geom.patch_size
     max_width = max(r, MAX_BAND_PIXELS // r)
     rows = np.nonzero(keep.any(axis=1))[0]
-    buf_imgs: list[np.ndarray] = []
-    buf_coords: list[tuple[int, int]] = []
-    buf_grid: list[tuple[int, int]] = []
-    buf_frac: list[float] = []
+    # Two batch buffers: while a writer thread checks/encodes/appends one (numpy, cv2 and h5py release
+    # the GIL), this thread reads bands into the other. Memory: 2 batches + 1 band, whatever the slide.
+    buffers = [(np.empty((WRITE_BATCH, P, P, 3), np.uint8), np.empty((WRITE_BATCH, 5), np.float64)) for _ in range(2)]
+    pending: list[Future | None] = [None, None]
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patch-writer")
+    cur, n = 0, 0
+    batch, meta = buffers[cur]
+
+    def write(imgs: np.ndarray, m: np.ndarray) -> None:
+        ok = background_fraction(imgs, tc.white_threshold, tc.black_threshold) <= tc.max_background_fraction
+        stats["n_background"] += int(len(imgs) - ok.sum())
+        if ok.all():  # the usual case: no copy of the batch
+            writer.append(imgs, m[:, :2].astype(np.int64), m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
+        elif ok.any():
+            m = m[ok]
+            writer.append(imgs[ok], m[:, :2].astype(np.int64), m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
 
     def flush() -> None:
-        if not buf_imgs:
+        nonlocal n, cur, batch, meta
+        if n == 0:
             return
-        imgs = np.stack(buf_imgs)
-        bg = background_fraction(imgs, tc.white_threshold, tc.black_threshold)
-        ok = bg <= tc.max_background_fraction
-        stats["n_background"] += int((~ok).sum())
-        if ok.any():
-            c = np.asarray(buf_coords, np.int64)[ok]
-            writer.append(imgs[ok], c, np.asarray(buf_grid, np.int32)[ok], np.asarray(buf_frac, np.float32)[ok])
-            out_coords.append(c)
-        buf_imgs.clear(), buf_coords.clear(), buf_grid.clear(), buf_frac.clear()
+        pending[cur] = pool.submit(write, batch[:n], meta[:n])
+        cur, n = 1 - cur, 0
+        if pending[cur] is not None:
+            pending[cur].result()  # the other buffer must be written before it is refilled
+            pending[cur] = None
+        batch, meta = buffers[cur]
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=int(keep.sum()), desc=f"tile {slide_id}", unit="patch", leave=False)
-    for j in rows:
-        cols = np.nonzero(keep[j])[0]
-        y_l, y0 = int(grid.y_level[j]), int(grid.y0[j])
-        for run in _runs(cols, grid.x_level, r, max_width):
-            bx = int(grid.x_level[run[0]])
-            width = int(grid.x_level[run[-1]]) + r - bx
-            try:
-                band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r)
-            except SlideReadError as exc:
-                raise SlideError(
-                    f"{exc} (grid row {j}). The slide file is corrupt or truncated: copy it again or re-export it; "
-                    "the rest of the cohort is not affected"
-                ) from exc
-            stats["n_reads"] += 1
-            for c in run:
-                ox = int(grid.x_level[c]) - bx
-                buf_imgs.append(resize_patch(np.ascontiguousarray(band[:, ox:ox + r]), geom.patch_size))
-                buf_coords.append((int(grid.x0[c]), y0))
-                buf_grid.append((int(c), int(j)))
-                buf_frac.append(float(frac[j, c]))
-            if bar is not None:
-                bar.update(len(run))
-            if len(buf_imgs) >= WRITE_BATCH:
-                flush()
-    flush()
-    if bar is not None:
-        bar.close()
+    try:
+        for j in rows:
+            cols = np.nonzero(keep[j])[0]
+            y0 = int(grid.y0[j])
+            for run in _runs(cols, grid.x_level, r, max_width):
+                bx = int(grid.x_level[run[0]])
+                width = int(grid.x_level[run[-1]]) + r - bx
+                try:
+                    band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r)
+                except SlideReadError as exc:
+                    raise SlideError(
+                        f"{exc} (grid row {j}). The slide file is corrupt or truncated: copy it again or re-export it; "
+                        "the rest of the cohort is not affected"
+                    ) from exc
+                stats["n_reads"] += 1
+                for c in run:
+                    ox = int(grid.x_level[c]) - bx
+                    window = band[:, ox:ox + r]
+                    if geom.resize:
+                        batch[n] = resize_patch(window, P)
+                    else:
+                        batch[n] = window
+                    meta[n] = (grid.x0[c], y0, c, j, frac[j, c])
+                    n += 1
+                    if n == WRITE_BATCH:
+                        flush()
+                if bar is not None:
+                    bar.update(len(run))
+        flush()
+        for f in pending:
+            if f is not None:
+                f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
 
 
 def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: PatchGeometry, cfg: TileConfig,
@@ -252,6 +291,7 @@ def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: Patch
         "codec": cfg.output.codec, "jpeg_quality": cfg.output.jpeg_quality if cfg.output.codec == "jpeg" else 0,
         "tissue_params": asdict(cfg.tissue), "tissue_threshold": tissue.threshold,
         "tissue_area_mm2": tissue.area_mm2, "tissue_mask_mpp": tissue.mpp,
+        "pen_area_mm2": tissue.pen_pixels * tissue.mpp ** 2 / 1e6,
         "n_patches": int(n), "n_candidates": stats["n_candidates"], "n_background_dropped": stats["n_background"],
         "n_region_reads": stats["n_reads"],
         "params_hash": params_hash(cfg, reader.name, mpp.value), "tiler_version": TILER_VERSION,

@@ -108,8 +108,14 @@ def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig,
 
 def background_fraction(patches: np.ndarray, white_threshold: int, black_threshold: int) -> np.ndarray:
     """(N,) fraction of near-white (min RGB > white) or near-black (max RGB < black) pixels per patch."""
-    if len(patches) == 0:
+    n = len(patches)
+    if n == 0:
         return np.zeros(0, np.float32)
-    white = patches.min(axis=-1) > white_threshold
-    black = patches.max(axis=-1) < black_threshold
-    return (white | black).reshape(len(patches), -1).mean(axis=1).astype(np.float32)
+    patches = np.ascontiguousarray(patches)
+    flat = patches.reshape(-1, patches.shape[2], 3)  # cv2.inRange: all three channels within bounds, SIMD
+    bg = cv2.inRange(flat, (white_threshold + 1,) * 3, (255,) * 3)
+    if black_threshold > 0:
+        bg |= cv2.inRange(flat, (0, 0, 0), (black_threshold - 1,) * 3)
+    per_patch = bg.reshape(n, patches.shape[1], patches.shape[2])
+    counts = np.array([cv2.countNonZero(m) for m in per_patch], np.float64)
+    return (counts / (patches.shape[1] * patches.shape[2])).astype(np.float32)

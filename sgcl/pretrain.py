@@ -67,19 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     from sgcl.train.checkpoint import CheckpointError
     from sgcl.train.trainer import NonFiniteLossError, Trainer
 
-    trainer = Trainer(cfg)
+    ok = False
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         trainer.setup()
         trainer.fit()
-    except (DatasetError, CheckpointError, BackboneError, ValueError) as exc:
+        ok = True
+    except (DatasetError, CheckpointError, BackboneError, ConfigError, ValueError) as exc:
         print(f"sgcl pretrain: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"sgcl pretrain: {exc}", file=sys.stderr)
         return 3
     finally:
-        if hasattr(trainer, "dataset"):
-            trainer.close()
+        if trainer is not None:
+            trainer.close(ok)
     return 0
 
 

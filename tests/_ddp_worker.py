@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tiny_nets import TinyGN, grid_dataset, make_batch  # noqa: E402
 
 import sgcl.clustering  # noqa: E402
-from sgcl.distributed import all_reduce_mean, get_rank, get_world_size  # noqa: E402
+from sgcl.distributed import all_reduce_mean, concat_all_gather, gather_with_grad, get_rank, get_world_size, local_slice  # noqa: E402
 from sgcl.methods import MethodConfig, build_method  # noqa: E402
 from sgcl.methods.base import DatasetMeta  # noqa: E402
 
@@ -81,6 +81,19 @@ def trace(cfg: MethodConfig) -> dict:
     return rec
 
 
+def uneven_gathers() -> dict:
+    """Rank 0 holds 3 rows, rank 1 holds 5: gathers pad/trim, and the backward sums over ranks."""
+    rank = get_rank()
+    n = 3 if rank == 0 else 5
+    x = (torch.arange(n, dtype=torch.float64) + 10 * rank).unsqueeze(1).requires_grad_()
+    g = gather_with_grad(x)
+    w = torch.arange(1, g.shape[0] + 1, dtype=torch.float64).unsqueeze(1)
+    (g * w).sum().backward()  # every rank computes the same loss over the gathered rows
+    sl = local_slice(n)
+    return {"gathered": g.detach().flatten().tolist(), "nograd": concat_all_gather(x).flatten().tolist(),
+            "grad": x.grad.flatten().tolist(), "slice": [sl.start, sl.stop]}
+
+
 def main() -> None:
     out_path = sys.argv[1]
     dist.init_process_group("gloo")
@@ -90,11 +103,13 @@ def main() -> None:
         def _refuse(*args, **kwargs):
             raise RuntimeError("k-means must run on rank 0 only")
         sgcl.clustering.fit_kmeans = _refuse
-    ddp = {}
+    uneven = [None] * dist.get_world_size()
+    dist.all_gather_object(uneven, uneven_gathers())
+    ddp: dict = {"uneven": uneven}
     for key, cfg in configs().items():
         rec = trace(cfg)
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, [c.sum().item() if c.dtype != torch.long else int((c * torch.arange(1, c.shape[-1] + 1)).sum()) for c in rec["clusters"]])
+        dist.all_gather_object(gathered, [c.double().sum().item() if c.is_floating_point() else int((c.long() * torch.arange(1, c.shape[-1] + 1)).sum()) for c in rec["clusters"]])
         rec["clusters_per_rank"] = gathered
         ddp[key] = rec
     dist.barrier()

@@ -135,3 +135,42 @@ def test_sampler_partitions_ranks_and_resumes_mid_epoch():
     assert resumed.position == 0 and list(resumed) != full
     with pytest.raises(ValueError, match="dataset has 24"):
         ResumableDistributedSampler(24).load_state_dict(state)
+
+
+def test_worker_count_does_not_change_the_batches(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from sgcl.transforms.photometric import PhotometricAugment
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "h5").mkdir()
+    for s in range(3):  # textured JPEG patches (the tiler's default codec)
+        imgs = rng.integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+        grid = np.stack([np.arange(5), np.zeros(5, int)], 1)
+        write_patch_file(tmp_path / "h5" / f"s{s}.h5", imgs, grid * 48, grid, codec="jpeg")
+    builder = ViewBuilder(RandomResizedCropPolicy(24), PhotometricAugment())
+    ds = PatchDataset(tmp_path / "h5", SampleTransform(builder, num_views=2), cache_files=2, seed=3)
+    sampler = ResumableDistributedSampler(len(ds), seed=3)
+
+    def batches(workers):
+        loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=collate)
+        return [b["views"][1] for b in loader]
+
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == 4
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+def test_a_corrupt_patch_stops_by_default_and_is_replaced_with_skip_bad(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    grid = np.stack([np.arange(4), np.zeros(4, int)], 1)
+    path = write_patch_file(tmp_path / "s.h5", imgs, grid * 32, grid, codec="jpeg")
+    with h5py.File(path, "r+") as f:  # truncate the JPEG stream of patch 1
+        f["imgs"][1] = f["imgs"][1][:20]
+    with pytest.raises(DatasetError, match=r"s\.h5: cannot read patch 1"):
+        PatchDataset(path)[1]
+    ds = PatchDataset(path, skip_bad=True)
+    with pytest.warns(RuntimeWarning, match="cannot read patch 1"):
+        item = ds[1]
+    assert item["index"] == 1 and np.array_equal(item["image"], ds[2]["image"])

@@ -62,4 +62,14 @@ def test_clusters_identical_on_all_ranks_and_to_one_process(traces, method):
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
     assert len(ddp["clusters"]) == len(single["clusters"]) >= 1
     for a, b in zip(ddp["clusters"], single["clusters"]):
-        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
+
+
+@pytest.mark.timeout(300)
+def test_gathers_with_uneven_batches(traces):
+    r0, r1 = traces["ddp"]["uneven"]
+    expected = [0, 1, 2, 10, 11, 12, 13, 14]
+    assert r0["gathered"] == r1["gathered"] == r0["nograd"] == expected
+    assert r0["slice"] == [0, 3] and r1["slice"] == [3, 8]
+    # d/dx of Σ_r Σ_j w_j g_j: each rank's loss contributes w at its slice (2 ranks -> 2·w)
+    assert r0["grad"] == [2.0, 4.0, 6.0] and r1["grad"] == [8.0, 10.0, 12.0, 14.0, 16.0]

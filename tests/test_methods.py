@@ -288,3 +288,27 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(name):
     method.on_epoch_start(0)
     losses = [float(run_step(method, batch, 5, s, opt)["loss"].detach()) for s in range(12)]
     assert min(losses[-3:]) < losses[0]
+
+
+@pytest.mark.parametrize("bank", ["memory", "queue"])
+def test_memory_estimate_matches_the_allocated_buffers(bank):
+    from sgcl.memory.estimate import SPATIAL_INDEX_BYTES_PER_PATCH, estimate_memory
+
+    cfg = small_cfg(bank=bank)
+    method, slide_of, _ = started(cfg, n_slides=3, side=8)
+    parts = estimate_memory(cfg, len(slide_of), TinyGN.num_features)
+    state = {
+        "bank": ["bank."], "backbone_bank": ["bank_b."], "quadrant_banks": ["local_banks."], "cluster_labels": ["clusters"],
+        "queue": ["queue.keys", "queue.index", "queue.x_slide", "queue.x_grid", "queue.ptr"],
+        "queue_backbone_features": ["queue.x_feat"], "centroids": ["centroids"],
+    }
+    buffers = dict(method.named_buffers())
+    for part, prefixes in state.items():
+        actual = sum(t.numel() * t.element_size() for n, t in buffers.items() if any(n.startswith(p) for p in prefixes))
+        if part in parts:
+            assert abs(actual - parts[part]) <= 16, (part, actual, parts[part])  # (the queue pointer: 8 bytes)
+        else:
+            assert actual == 0, part
+    assert parts["spatial_index"] == SPATIAL_INDEX_BYTES_PER_PATCH * len(slide_of)
+    idx = method.spatial
+    assert sum(t.numel() * t.element_size() for t in (idx.slide_of, idx.grid_of, idx.sorted_keys, idx.order)) == parts["spatial_index"]

@@ -183,3 +183,65 @@ def test_schedule_and_optimisers():
         assert build_optimizer(name, param_groups(model, 0.1), 0.1, 0.1) is not None
     with pytest.raises(ValueError, match="unknown optimiser"):
         build_optimizer("rmsprop", param_groups(model, 0.1), 0.1, 0.1)
+
+
+def test_moco_v2_with_gpu_augmentation_bf16_workers_and_accumulation(tiles, tmp_path):
+    # the throughput path (uint8 crops from 2 loader workers, jitter on the device, bf16 autocast,
+    # channels_last, gradient accumulation) runs end to end on the CPU
+    cfg = tiny_config(tmp_path, tiles, "method.name=moco_v2", "method.moco.queue_size=64", "aug.gpu=true",
+                      "train.precision=bf16", "model.channels_last=true", "data.workers=2", "data.batch_size=8",
+                      "train.grad_accum=2", "train.max_steps=3")
+    trainer = Trainer(cfg)
+    rows = trainer.fit()
+    trainer.close()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert trainer.sampler.position == 3 * 2 * 8
+    assert (tmp_path / "export" / "backbone.safetensors").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_real_models(path):
+    import timm
+
+    cfg = load_config(PretrainConfig, path, ["data.h5_dir=tiles"])
+    assert timm.is_model(cfg.model.backbone), cfg.model.backbone
+    assert cfg.method.name in ("sgcl", "moco_v2", "simclr")
+    if path.name.startswith("sgcl"):
+        assert cfg.method.name == "sgcl"
+    if "queue" in path.name:
+        assert cfg.method.sgcl.bank == "queue"
+
+
+def test_train_step_benchmark_runs_in_its_bf16_mode(tmp_path):
+    # the --device cuda --precision bf16 path, exercised on the CPU with tiny sizes
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--device", "cpu", "--precision", "bf16",
+           "--backbone", "test_resnet", "--batch", "4", "--size", "32", "--bank-rows", "512", "--queue", "64",
+           "--steps", "2", "--rounds", "2", "--warmup", "0", "--variants", "moco_v2,sgcl,sgcl-no-inner",
+           "--threads", "1", "--gpu-aug", "--loader-seconds", "0.2", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = {r["variant"]: r for r in json.loads(out.read_text())["steps"]}
+    assert steps["moco_v2"]["ratio_to_moco_v2"] == 1.0
+    assert steps["sgcl"]["views"] == "1x32 + 4x16" and steps["sgcl-no-inner"]["views"] == "1x32"
+    assert all(r["step_s"] > 0 for r in steps.values())
+    loader = json.loads(out.read_text())["loader"]
+    assert loader["sgcl, aug.gpu (crops only)"]["patches_per_s"] > 0
+    assert loader["sgcl, aug.gpu (crops only)"]["verdict_sgcl"] in ("keeps up", "is the bottleneck")
+
+
+def test_explicit_resume_path_continues_from_that_checkpoint(tiles, tmp_path):
+    first = ["--config", str(TINY), "--h5-dir", str(tiles / "cmu1.h5"), "--out", str(tmp_path / "a"), "--max-steps", "4",
+             "train.ckpt_every=2", "train.export=false", "train.progress=false"]
+    assert pretrain_main(first) == 0
+    ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
+    assert load_checkpoint(ckpt)["global_step"] == 4
+    second = ["--config", str(TINY), "--h5-dir", str(tiles / "cmu1.h5"), "--out", str(tmp_path / "b"), "--max-steps", "6",
+              "--resume", str(ckpt), "train.progress=false"]
+    assert pretrain_main(second) == 0
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 6]
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["global_step"] == 6
+    assert (tmp_path / "b" / "export" / "backbone.safetensors").is_file()

@@ -139,3 +139,15 @@ def test_gpu_photometric_on_cpu_tensors():
     assert torch.allclose(rgb[:, 0], rgb[:, 1], atol=1e-5) and torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
     blurred = GPUPhotometric(PhotometricParams(p_jitter=0, p_grey=0, p_blur=1.0, blur_sigma=(2.0, 2.0)))(img)
     assert blurred.var() < plain.var()  # smoothing removes high-frequency energy
+
+
+def test_gpu_hed_jitter_matches_the_cpu_one():
+    img = real_he_patch()
+    alpha, beta = np.array([1.3, 0.8, 1.0]), np.array([0.02, -0.03, 0.0])
+    cpu = np.clip(hed_jitter(img, alpha, beta), 0, 255) / 255.0
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
+    gpu = GPUPhotometric._hed(x, torch.tensor([True]), torch.tensor(alpha, dtype=torch.float32)[None],
+                              torch.tensor(beta, dtype=torch.float32)[None])
+    assert np.abs(gpu[0].permute(1, 2, 0).numpy() - cpu).max() < 1e-3
+    untouched = GPUPhotometric._hed(x, torch.tensor([False]), torch.ones(1, 3), torch.zeros(1, 3))
+    assert torch.equal(untouched, x)

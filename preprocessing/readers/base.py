@@ -36,8 +36,8 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     if rgba.shape[2] == 2:  # grey + alpha
         rgba = np.concatenate([np.repeat(rgba[..., :1], 3, axis=2), rgba[..., 1:]], axis=2)
     rgb, alpha = rgba[..., :3], rgba[..., 3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+    if cv2.minMaxLoc(alpha)[0] == 255:
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     a = alpha.astype(np.uint16)[..., None]
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
@@ -96,28 +96,31 @@ class SlideReader(ABC):
         w, h = self.level_dimensions[level]
         return self.read_region(0, 0, level, w, h)
 
-    def read_scaled(self, downsample: float, strip_rows: int = 2048) -> np.ndarray:
-        """The whole slide at ``downsample`` × level 0, resampled exactly (INTER_AREA).
+    def read_scaled(self, downsample: float, max_block_pixels: int = 1 << 24) -> np.ndarray:
+        """The whole slide at ``downsample`` × level 0, resampled with INTER_AREA.
 
-        Reads the best level in horizontal strips, so memory stays ~ one strip + the output even
-        for a single-level gigapixel TIFF.
+        Reads the best pyramid level in blocks of at most ``max_block_pixels`` level pixels
+        (64 MB RGBA), so memory stays ~ one block + the output even for a single-level gigapixel TIFF.
         """
         w0, h0 = self.dimensions
         out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
         level = self.best_level_for_downsample(downsample)
         lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
-        scale_y = out_h / lh
         if lw == out_w and lh == out_h:
             return self.read_level(level)
+        ds = self.level_downsamples[level]
+        sx, sy = out_w / lw, out_h / lh  # output px per level px
+        side = max(1, int(math.sqrt(max_block_pixels)))
+        bw, bh = max(1, int(side * sx)), max(1, int(side * sy))  # output block size
         out = np.empty((out_h, out_w, 3), np.uint8)
-        # each strip covers whole output rows: output rows [oy, oy2) <- level rows [ly, ly2)
-        rows_per_strip = max(1, int(strip_rows * scale_y))
-        for oy in range(0, out_h, rows_per_strip):
-            oy2 = min(out_h, oy + rows_per_strip)
-            ly, ly2 = int(math.floor(oy / scale_y)), min(lh, int(math.ceil(oy2 / scale_y)))
-            strip = self.read_region(0, int(round(ly * ds)), level, lw, max(1, ly2 - ly))
-            out[oy:oy2] = cv2.resize(strip, (out_w, oy2 - oy), interpolation=cv2.INTER_AREA)
+        for oy in range(0, out_h, bh):
+            oy2 = min(out_h, oy + bh)
+            ly, ly2 = int(math.floor(oy / sy)), min(lh, int(math.ceil(oy2 / sy)))
+            for ox in range(0, out_w, bw):
+                ox2 = min(out_w, ox + bw)
+                lx, lx2 = int(math.floor(ox / sx)), min(lw, int(math.ceil(ox2 / sx)))
+                block = self.read_region(int(round(lx * ds)), int(round(ly * ds)), level, max(1, lx2 - lx), max(1, ly2 - ly))
+                out[oy:oy2, ox:ox2] = cv2.resize(block, (ox2 - ox, oy2 - oy), interpolation=cv2.INTER_AREA)
         return out
 
     def thumbnail(self, max_size: int = 1024) -> np.ndarray:

@@ -56,7 +56,8 @@ class TiaToolboxReader(SlideReader):
 
     def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         try:
-            arr = self._reader.read_rect((int(x0), int(y0)), (int(w), int(h)), resolution=int(level), units="level")
+            arr = self._reader.read_rect((int(x0), int(y0)), (int(w), int(h)), resolution=int(level), units="level",
+                                         pad_mode="constant", pad_constant_values=255)  # outside = white
         except Exception as exc:  # noqa: BLE001
             raise SlideReadError(f"{self.path}: cannot decode region x={x0} y={y0} level={level} ({exc})") from exc
         return rgba_to_rgb(np.asarray(arr, dtype=np.uint8))

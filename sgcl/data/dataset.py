@@ -100,8 +100,9 @@ def _read_layout(path: Path) -> tuple[str, np.ndarray]:
 class PatchDataset(Dataset):
     """All patches of ``sources``; ``transform(patch, rng) -> dict`` makes the views (``SampleTransform``).
 
-    ``skip_bad=True`` drops unreadable/invalid files with a warning instead of stopping (cohorts);
-    ``skip_empty`` drops slides without patches.
+    ``skip_bad=True`` drops invalid files (listed in ``bad_files``) and replaces an unreadable patch
+    by a neighbouring one of its slide with a warning, instead of stopping; slides without patches
+    are always dropped.
     """
 
     def __init__(self, sources, transform=None, cache_files: int = 64, seed: int = 0, skip_bad: bool = False):
@@ -109,6 +110,7 @@ class PatchDataset(Dataset):
         self.transform = transform
         self.cache_files = max(1, int(cache_files))
         self.seed = int(seed)
+        self.skip_bad = bool(skip_bad)
         self.epoch = 0
         self.bad_files: list[tuple[str, str]] = []
         slide_ids, grids, kept = [], [], []
@@ -131,8 +133,9 @@ class PatchDataset(Dataset):
         self.slide_ids = slide_ids
         counts = np.array([len(g) for g in grids], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.slide_of = np.repeat(np.arange(len(kept), dtype=np.int64), counts)
-        self.grid_of = np.concatenate(grids).astype(np.int64)
+        # int32 grid (4 bytes × 2 per patch: 400 MB at 50M patches, shared copy-on-write by the
+        # workers); the int64 tensors of DatasetMeta are made on demand in meta()
+        self.grid_of = np.concatenate(grids).astype(np.int32)
         self._cache: OrderedDict[int, PatchFile] = OrderedDict()
         self._pid = os.getpid()
 
@@ -153,8 +156,9 @@ class PatchDataset(Dataset):
 
     def meta(self, radius: float = 3.0) -> DatasetMeta:
         """``DatasetMeta`` for ``PretrainMethod.on_train_start`` (spatial index of grid radius ``radius``)."""
-        slide_of = torch.from_numpy(self.slide_of)
-        grid_of = torch.from_numpy(self.grid_of)
+        counts = np.diff(self.offsets)
+        slide_of = torch.from_numpy(np.repeat(np.arange(self.num_slides, dtype=np.int64), counts))
+        grid_of = torch.from_numpy(self.grid_of.astype(np.int64))
         neighbors = None
         try:
             from sgcl.data.neighbors import SpatialIndex
@@ -187,8 +191,9 @@ class PatchDataset(Dataset):
     def open_files(self) -> int:
         return sum(1 for pf in self._cache.values() if pf._file is not None)
 
-    def read_patch(self, index: int) -> np.ndarray:
-        slide, row = self.locate(index)
+    def read_patch(self, index: int, where: tuple[int, int] | None = None) -> np.ndarray:
+        """Patch ``index`` as (P, P, 3) uint8 RGB (``where`` = its ``locate`` result, if known)."""
+        slide, row = where or self.locate(index)
         try:
             return self._file(slide).read(row)
         except (PatchFileError, OSError, KeyError) as exc:
@@ -196,15 +201,37 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
-        img = self.read_patch(index)
-        slide, _ = self.locate(index)
-        item = {"index": index, "slide": slide, "grid": self.grid_of[index]}
+        where = self.locate(index)
+        try:
+            img = self.read_patch(index, where)
+        except DatasetError as exc:
+            if not self.skip_bad:
+                raise
+            img = self._replacement(index, where, exc)
+        slide = where[0]
+        item = {"index": index, "slide": slide, "grid": self.grid_of[index].astype(np.int64)}
         if self.transform is None:
             item["image"] = img
             return item
         rng = np.random.default_rng([self.seed, self.epoch, index])
         item.update(self.transform(img, rng))
         return item
+
+    def _replacement(self, index: int, where: tuple[int, int], exc: Exception) -> np.ndarray:
+        """With ``skip_bad``: an unreadable patch is replaced by the next readable one of its slide
+        (deterministic), with a warning, so one corrupt patch never stops a cohort."""
+        import warnings
+
+        slide, row = where
+        start, n = int(self.offsets[slide]), int(self.offsets[slide + 1] - self.offsets[slide])
+        warnings.warn(f"{exc}; using a neighbouring patch of the same slide instead", RuntimeWarning, stacklevel=3)
+        for k in range(1, min(n, 16)):
+            j = start + (row + k) % n
+            try:
+                return self.read_patch(j, (slide, (row + k) % n))
+            except DatasetError:
+                continue
+        raise exc
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

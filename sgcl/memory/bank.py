@@ -30,7 +30,8 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
 class MemoryBank(nn.Module):
     """``num_rows`` × ``dim`` unit-norm rows initialised from a seeded Gaussian (identical on all ranks)."""
 
-    def __init__(self, num_rows: int, dim: int, momentum: float = 0.5, dtype: str | torch.dtype = "float32", seed: int = 0):
+    def __init__(self, num_rows: int, dim: int, momentum: float = 0.5, dtype: str | torch.dtype = "float32", seed: int = 0,
+                 device: torch.device | str | None = None):
         super().__init__()
         if num_rows <= 0 or dim <= 0:
             raise ValueError(f"a memory bank needs num_rows > 0 and dim > 0, got {num_rows}×{dim}")
@@ -39,11 +40,13 @@ class MemoryBank(nn.Module):
         self.momentum = float(momentum)
         dtype = resolve_dtype(dtype)
         gen = torch.Generator().manual_seed(int(seed))
-        weight = torch.empty(num_rows, dim, dtype=dtype)
+        # allocated on its device directly and filled in 1M-row blocks: no N-row host copy at 50M rows;
+        # the values depend only on the seed (same on every rank and every device)
+        weight = torch.empty(num_rows, dim, dtype=dtype, device=device)
         step = 1 << 20
-        for s in range(0, num_rows, step):  # bounded temporary memory at 50M rows
+        for s in range(0, num_rows, step):
             e = min(s + step, num_rows)
-            weight[s:e] = F.normalize(torch.randn(e - s, dim, generator=gen), dim=1).to(dtype)
+            weight[s:e] = F.normalize(torch.randn(e - s, dim, generator=gen), dim=1).to(weight.device, dtype)
         self.register_buffer("weight", weight)
 
     @property
@@ -107,21 +110,25 @@ def chunked_topk(
     k = min(int(k), n)
     size = n if chunk <= 0 else int(chunk)
     q = q.detach().float()
+    half_ok = q.is_cuda and keys.dtype in (torch.float16, torch.bfloat16)
+    q_half = q.to(keys.dtype) if half_ok else None
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for s in range(0, n, size):
         block = keys[s : s + size]
-        sims = q @ block.float().t()
+        # fp16/bf16 banks on the GPU: multiply in their own precision (ranking only), no fp32 copy
+        sims = (q_half @ block.t()).float() if half_ok else q @ block.float().t()
         if exclude is not None and exclude.numel():
             hit = (exclude >= s) & (exclude < s + block.shape[0])
             r, c = hit.nonzero(as_tuple=True)
             sims[r, exclude[r, c] - s] = float("-inf")
-        idx = torch.arange(s, s + block.shape[0], device=q.device).expand(q.shape[0], -1)
+        # top-k inside the chunk first, then merge two short lists (no B×chunk index tensor)
+        v, i = sims.topk(min(k, sims.shape[1]), dim=1)
+        i = i + s
         if best_v is not None:
-            sims = torch.cat([best_v, sims], dim=1)
-            idx = torch.cat([best_i, idx], dim=1)
-        kk = min(k, sims.shape[1])
-        best_v, pos = sims.topk(kk, dim=1)
-        best_i = idx.gather(1, pos)
+            merged = torch.cat([best_v, v], dim=1)
+            v, pos = merged.topk(min(k, merged.shape[1]), dim=1)
+            i = torch.cat([best_i, i], dim=1).gather(1, pos)
+        best_v, best_i = v, i
     assert best_v is not None and best_i is not None
     return best_v, best_i

@@ -30,6 +30,8 @@ class MoCoV2(PretrainMethod):
 
     def on_train_start(self, meta: DatasetMeta) -> None:
         self.key_encoder.reset(self.backbone, self.head)
+        # the queue is kept identical on all ranks by all-gathered enqueues: DDP need not re-broadcast it
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if n.startswith("queue.")]
 
     def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
         x_q, x_k = batch["views"][0], batch["views"][1]
@@ -41,7 +43,7 @@ class MoCoV2(PretrainMethod):
             self._pending.append((k.detach(), batch["index"].detach()))
         with torch.no_grad():
             pos = (q * k).sum(1).mean()
-            neg = (q @ self.queue.keys.float().t()).mean()
+            neg = (q @ self.queue.keys[:1024].float().t()).mean()  # a sample of the queue: logging only
         return {"loss": loss, "loss_instance": loss.detach(), "pos_sim": pos, "neg_sim": neg}
 
     @torch.no_grad()

@@ -118,22 +118,36 @@ class SGCL(PretrainMethod):
                 self.register_buffer("centroids", torch.zeros(s.kmeans_runs, c, cfg.proj_dim, device=device))
                 self.register_buffer("has_centroids", torch.tensor(False, device=device))
         else:
-            self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed).to(device)
+            self.bank = MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed, device=device)
             if self.ranks_by_backbone:
-                self.bank_b = MemoryBank(n, self.feat_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 1).to(device)
+                self.bank_b = MemoryBank(n, self.feat_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 1, device=device)
             if s.inner_term:
                 self.local_banks = nn.ModuleList(
-                    MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 2 + c) for c in range(4)
-                ).to(device)
+                    MemoryBank(n, cfg.proj_dim, s.bank_momentum, s.bank_dtype, seed=cfg.seed + 2 + c, device=device) for c in range(4)
+                )
             if s.inter_term:
                 c = effective_clusters(n, s.kmeans_clusters)
                 gen = torch.Generator().manual_seed(cfg.seed + 7)
-                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen).to(device))
+                self.register_buffer("clusters", torch.randint(0, c, (s.kmeans_runs, n), generator=gen, dtype=torch.int32).to(device))
+        self._log_memory(n)
         # Banks, queues and labels are kept identical on every rank by all-gathered updates and
         # broadcasts; DDP must not re-broadcast them from rank 0 at every forward (GBs at scale).
         self._ddp_params_and_buffers_to_ignore = [
             name for name, _ in self.named_buffers() if name.split(".")[0] in ("bank", "bank_b", "local_banks", "queue", "clusters", "centroids", "has_centroids", "clustered_epoch")
         ]
+
+    def _log_memory(self, n: int) -> None:
+        from sgcl.memory.estimate import estimate_memory, human, persistent_bytes
+
+        parts = estimate_memory(self.cfg, n, self.feat_dim)
+        total = persistent_bytes(parts)
+        log.info("SGCL (%s mode) state for %d patches: %s (%s)", self.cfg.sgcl.bank, n, human(total),
+                 ", ".join(f"{k} {human(v)}" for k, v in parts.items()))
+        if not self.queue_mode and total > 16 * 2**30:
+            log.warning(
+                "SGCL memory-bank state is %s for %d patches; consider method.sgcl.bank=queue (constant memory), "
+                "method.sgcl.bank_dtype=float16 or method.sgcl.mining_pool=1000000 (see docs/memory.md)", human(total), n,
+            )
 
     def on_epoch_start(self, epoch: int) -> None:
         """Re-cluster (rank 0, broadcast) once per epoch; skipped when resuming inside an epoch
@@ -268,28 +282,31 @@ class SGCL(PretrainMethod):
         n_se = torch.zeros(idx.shape[0], device=idx.device)
         if s.inter_term:
             clusters = self.clusters
+            b = idx.shape[0]
             k = min(s.nei_k, self.bank.num_rows)
-            # anchor's own candidates: top-k of q·V, anchor excluded
-            _, cand = chunked_topk(q, self.bank.weight, k, chunk=s.sim_chunk, exclude=idx.unsqueeze(1))
-            ok = (clusters[:, cand] == clusters[:, idx].unsqueeze(2)).all(0)
-            ok &= cand != idx.unsqueeze(1)
-            se_i, se_m = [cand], [ok]
-            if s.aux_num > 0 and true_nb.any():
+            queries, owners, anchors = [q], [idx], [idx]
+            excl = [torch.stack([idx, torch.full_like(idx, -1)], 1)]   # the anchor's own row is excluded
+            row_ok = [torch.ones_like(idx, dtype=torch.bool)]
+            a = 0
+            if s.aux_num > 0 and bool(true_nb.any()):
+                # aux anchors: the neighbours most similar to q under exp(s/T) (= largest s), bank rows
                 a = min(s.aux_num, nb.index.shape[1])
                 sim_nb = torch.einsum("bd,bkd->bk", q, self.bank.rows(nb.index)).masked_fill(~true_nb, float("-inf"))
                 top_v, top_p = sim_nb.topk(a, dim=1)
-                aux = nb.index.gather(1, top_p)                     # (B, a)
-                aux_ok = torch.isfinite(top_v)                      # rows/slots with a real neighbour
-                aux_feat = self.bank.rows(aux.reshape(-1))          # (B·a, D)
-                excl = torch.stack([aux.reshape(-1), idx.repeat_interleave(a)], 1)
-                _, cand_a = chunked_topk(aux_feat, self.bank.weight, k, chunk=s.sim_chunk, exclude=excl)
-                flat_aux = aux.reshape(-1)
-                ok_a = (clusters[:, cand_a] == clusters[:, flat_aux].unsqueeze(2)).all(0)
-                ok_a &= aux_ok.reshape(-1, 1)
-                ok_a &= cand_a != idx.repeat_interleave(a).unsqueeze(1)  # the anchor never re-enters
-                b = idx.shape[0]
-                se_i.append(cand_a.reshape(b, a * k))
-                se_m.append(ok_a.reshape(b, a * k))
+                aux = nb.index.gather(1, top_p).reshape(-1)            # (B·a,), b-major
+                queries.append(self.bank.rows(aux))
+                owners.append(aux)
+                anchors.append(idx.repeat_interleave(a))
+                excl.append(torch.stack([aux, idx.repeat_interleave(a)], 1))
+                row_ok.append(torch.isfinite(top_v).reshape(-1))       # slots with a real neighbour
+            # one scan of the bank for the anchors and all their aux anchors
+            cand_v, cand = chunked_topk(torch.cat(queries), self.bank.weight, k, chunk=s.sim_chunk, exclude=torch.cat(excl))
+            own = torch.cat(owners)
+            ok = (clusters[:, cand] == clusters[:, own].unsqueeze(2)).all(0)   # same cluster in every run
+            ok &= torch.isfinite(cand_v) & torch.cat(row_ok).unsqueeze(1)
+            ok &= cand != torch.cat(anchors).unsqueeze(1)                      # the anchor never re-enters
+            se_i = [cand[:b], cand[b:].reshape(b, a * k)]
+            se_m = [ok[:b], ok[b:].reshape(b, a * k)]
             se_idx, se_mask = union_sets(torch.cat(se_i, 1), torch.cat(se_m, 1))
             n_se = se_mask.sum(1).float()
             parts_i.append(se_idx)
@@ -329,8 +346,8 @@ class SGCL(PretrainMethod):
                 cand_i = torch.cat([concat_all_gather(idx), self.queue.index[valid]])
                 cand_s = torch.cat([concat_all_gather(slide), self.queue.extra("slide")[valid]])
                 cand_g = torch.cat([concat_all_gather(grid), self.queue.extra("grid")[valid]])
-                pos_mask, fallback, diag = self._positives_queue(q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g)
                 sim = q @ cand_k.t()                                              # (B, M), grad through q
+                pos_mask, fallback, diag = self._positives_queue(q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g, sim=sim.detach())
                 pos_sim = torch.cat([sim, (q * k).sum(1, keepdim=True)], 1)        # last column: own key (fallback)
                 pos_m = torch.cat([pos_mask, fallback.unsqueeze(1)], 1)
                 m = cand_k.shape[0]
@@ -357,21 +374,21 @@ class SGCL(PretrainMethod):
                 out.update(diag)
             if s.inner_term:
                 assert u is not None
-                b = q.shape[0]
                 l_m = info_nce(u, k.repeat(4, 1), queue_keys, cfg.tau_head)  # quadrant c of patch i ↔ key of patch i
                 loss = loss + s.lambda_inner * l_m
                 out["loss_mcrop"] = l_m.detach()
-                del b
             if self.training:
                 self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
             out["loss"] = loss
         return out
 
     @torch.no_grad()
-    def _positives_queue(self, q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g):
+    def _positives_queue(self, q, k, idx, slide, grid, cand_k, cand_i, cand_s, cand_g, sim=None):
         """Dense (B, M) positive mask over the M = batch + queue candidates (M ≤ queue size + batch,
-        never N), and the rows that fall back to the anchor's own key."""
+        never N), and the rows that fall back to the anchor's own key. ``sim``: ``q @ cand_k.T`` if known."""
         s = self.cfg.sgcl
+        if sim is None:
+            sim = q @ cand_k.t()
         not_self = cand_i.unsqueeze(0) != idx.unsqueeze(1)
         d2 = ((cand_g.unsqueeze(0) - grid.unsqueeze(1)).float() ** 2).sum(-1)
         sp = (cand_s.unsqueeze(0) == slide.unsqueeze(1)) & (d2 > 0) & (d2 < s.radius**2) & not_self
@@ -381,13 +398,12 @@ class SGCL(PretrainMethod):
             lab_c = torch.stack([assign_clusters(cand_k, c) for c in self.centroids])   # (R, M)
             lab_q = torch.stack([assign_clusters(k, c) for c in self.centroids])        # (R, B) anchor = own key
             kk = min(s.nei_k, cand_k.shape[0])
-            sim = (q @ cand_k.t()).masked_fill(~not_self, float("-inf"))
-            top_v, top_i = sim.topk(kk, dim=1)
+            top_v, top_i = sim.masked_fill(~not_self, float("-inf")).topk(kk, dim=1)
             se = torch.zeros_like(sp)
             ok = (lab_c[:, top_i] == lab_q.unsqueeze(2)).all(0) & torch.isfinite(top_v)
             se.scatter_(1, top_i, ok)
             if s.aux_num > 0:
-                sim_sp = (q @ cand_k.t()).masked_fill(~sp, float("-inf"))
+                sim_sp = sim.masked_fill(~sp, float("-inf"))
                 a = min(s.aux_num, sim_sp.shape[1])
                 av, ai = sim_sp.topk(a, dim=1)                                          # (B, a)
                 for j in range(a):

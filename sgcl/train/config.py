@@ -52,7 +52,7 @@ class AugConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"          # any timm model name (random init, never downloaded)
-    channels_last: bool = True
+    channels_last: bool = True         # on GPUs (ignored on the CPU, where it slows BatchNorm)
     compile: bool = False               # torch.compile the backbone
     sync_bn: bool = False               # SyncBatchNorm across ranks (DDP)
 

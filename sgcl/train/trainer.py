@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections import deque
-import math
 import os
 import random
 import sys
@@ -163,9 +162,13 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
         if cfg.model.sync_bn and self.dist.world_size > 1:
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            if self.device.type == "cpu":  # PyTorch's SyncBatchNorm runs on GPUs only
+                self._log("model.sync_bn ignored on the CPU (SyncBatchNorm needs GPUs); BatchNorm stays per process")
+            else:
+                method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         method.to(self.device)
-        if cfg.model.channels_last:
+        self.channels_last = cfg.model.channels_last and self.device.type == "cuda"  # CPU BatchNorm is slow in it
+        if self.channels_last:
             method.to(memory_format=torch.channels_last)
         method.on_train_start(self.dataset.meta(cfg.method.sgcl.radius))
         if cfg.model.compile:
@@ -270,7 +273,7 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> dict:
         nb = self.device.type == "cuda"
-        mf = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        mf = torch.channels_last if self.channels_last else torch.contiguous_format
 
         def images(x: torch.Tensor) -> torch.Tensor:
             x = x.to(self.device, non_blocking=nb)
@@ -301,6 +304,13 @@ class Trainer:
             raise NonFiniteLossError(
                 f"the loss is not finite at step {self.global_step} (epoch {self.sampler.epoch}; {vals}); training stopped and "
                 f"{keep}. Lower optim.lr, raise optim.warmup_epochs, or use train.precision=bf16/fp32 instead of fp16.")
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Average logged scalars over the ranks (every rank calls this at the same steps)."""
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.dist.world_size for k, v in zip(keys, t.tolist())}
 
     def fit(self, stop_after_steps: int | None = None) -> list[dict]:
         """Train until ``train.epochs``/``train.max_steps`` (or ``stop_after_steps`` more steps, for tests
@@ -362,9 +372,12 @@ class Trainer:
                 row = {"step": self.global_step, "epoch": epoch, **terms_acc, "lr": lr,
                        "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
                 terms_acc = {}
+                log_now = self.global_step % cfg.train.log_every == 0 or self.global_step == 1
+                if log_now and self.dist.world_size > 1:
+                    row.update(self._mean_over_ranks({k: v for k, v in row.items() if k not in ("step", "epoch", "lr", "img_per_s")}))
                 if self.dist.is_main:
                     self.history.append(row)
-                    if self.global_step % cfg.train.log_every == 0 or self.global_step == 1:
+                    if log_now:
                         self.logger.log(row)
                 if bar is not None:
                     bar.update(1)
@@ -374,6 +387,8 @@ class Trainer:
                     self.save()
                 if self.global_step >= stop_at:
                     finished = True
+                    break
+                if end_of_epoch:
                     break
             if not finished:
                 epoch += 1
@@ -396,8 +411,12 @@ class Trainer:
         self._log(f"exported the backbone to {path}")
         return path
 
-    def close(self) -> None:
-        self.dataset.close()
+    def close(self, ok: bool = True) -> None:
+        """Release file handles and leave the process group (after a barrier when ``ok``: a failed
+        rank must not wait for the others)."""
+        if hasattr(self, "dataset"):
+            self.dataset.close()
         if self.dist.world_size > 1 and dist.is_initialized():
-            dist.barrier()
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()

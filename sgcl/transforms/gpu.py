@@ -2,8 +2,9 @@
 on CPU tensors too). The loader then only decodes and crops (``aug.gpu=true``), and the colour work
 runs as a few batched tensor ops instead of per-image OpenCV calls in the workers.
 
-Same augmentations as ``photometric.py`` (brightness, contrast, saturation, hue, greyscale, blur,
-ImageNet normalisation); hue is rotated in YIQ space, a linear, batched stand-in for the HSV shift.
+Same augmentations as ``photometric.py`` (HED stain jitter, brightness, contrast, saturation, hue,
+greyscale, blur, ImageNet normalisation); hue is rotated in YIQ space, a linear, batched stand-in
+for the HSV shift.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sgcl.transforms.photometric import PhotometricParams
+from sgcl.transforms.photometric import HED_FROM_RGB, RGB_FROM_HED, PhotometricParams
 from sgcl.transforms.views import IMAGENET_MEAN, IMAGENET_STD
 
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -42,8 +43,11 @@ class GPUPhotometric:
         b = x.shape[0]
         img = x.float().div_(255.0)
         grey_w = _GREY.to(dev).view(1, 3, 1, 1)
-        jit = _bernoulli(b, p.p_jitter, gen, dev).view(b, 1, 1, 1)
         out = img
+        if p.hed_sigma > 0:
+            out = self._hed(out, _bernoulli(b, p.p_hed, gen, dev), _uniform(b * 3, 1 - p.hed_sigma, 1 + p.hed_sigma, gen, dev).view(b, 3),
+                            _uniform(b * 3, -p.hed_sigma, p.hed_sigma, gen, dev).view(b, 3))
+        jit = _bernoulli(b, p.p_jitter, gen, dev).view(b, 1, 1, 1)
         if p.brightness > 0:
             f = _uniform(b, max(0, 1 - p.brightness), 1 + p.brightness, gen, dev).view(b, 1, 1, 1)
             out = torch.where(jit, out * f, out).clamp_(0, 1)
@@ -70,6 +74,18 @@ class GPUPhotometric:
         if p.p_blur > 0:
             out = self._blur(out, _bernoulli(b, p.p_blur, gen, dev), _uniform(b, *p.blur_sigma, gen, dev))
         return (out - self.mean.to(dev)) / self.std.to(dev)
+
+    @staticmethod
+    def _hed(x: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Per-sample HED stain jitter on [0, 1] images (see ``photometric.hed_jitter``)."""
+        hfr = torch.as_tensor(HED_FROM_RGB, dtype=torch.float32, device=x.device)
+        rfh = torch.as_tensor(RGB_FROM_HED, dtype=torch.float32, device=x.device)
+        m = torch.einsum("ij,bj,jk->bik", hfr, alpha, rfh)     # (b, 3, 3): od' = od·m + β·R
+        off = beta @ rfh                                        # (b, 3)
+        od = -torch.log(torch.clamp(x * 255.0, min=1.0) / 255.0)
+        od2 = torch.einsum("bihw,bik->bkhw", od, m) + off[:, :, None, None]
+        y = torch.exp(-od2).clamp_(0, 1)
+        return torch.where(mask.view(-1, 1, 1, 1), y, x)
 
     @staticmethod
     def _blur(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

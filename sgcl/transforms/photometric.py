@@ -59,21 +59,34 @@ def adjust_saturation(img: np.ndarray, f: float) -> np.ndarray:
 
 
 def adjust_hue(img: np.ndarray, shift: float) -> np.ndarray:
-    """Rotate hue by ``shift`` (fraction of the circle, in [-0.5, 0.5])."""
+    """Rotate hue by ``shift`` (fraction of the circle, in [-0.5, 0.5]) in 8-bit HSV (OpenCV's
+    0-179 hue, as PIL/torchvision do for uint8 images)."""
     if shift == 0:
         return img
-    hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)
-    hsv[..., 0] = (hsv[..., 0] + shift * 360.0) % 360.0
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+    u8 = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    hsv = cv2.cvtColor(u8, cv2.COLOR_RGB2HSV)
+    steps = int(round(shift * 180.0))
+    lut = ((np.arange(256, dtype=np.int32) + steps) % 180).astype(np.uint8)
+    hsv[..., 0] = lut[hsv[..., 0]]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
+
+
+_OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
 
 
 def hed_jitter(img: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """Scale (``alpha``, 3) and shift (``beta``, 3) the H, E, D optical densities of an RGB image."""
-    od = -np.log(np.maximum(img, 1.0) / 255.0)
-    hed = od.reshape(-1, 3) @ HED_FROM_RGB
-    hed = hed * alpha + beta
-    out = np.exp(-(hed @ RGB_FROM_HED)) * 255.0
-    return out.reshape(img.shape).astype(np.float32)
+    """Scale (``alpha``, 3) and shift (``beta``, 3) the H, E, D optical densities of an RGB image.
+
+    Optical density ``-ln(I/255)`` → stain densities (``HED_FROM_RGB``) → ``α·d + β`` → back."""
+    if img.dtype == np.uint8:
+        od = _OD_LUT[img]
+    else:
+        od = -np.log(np.maximum(img, 1.0) / 255.0, dtype=np.float32)
+    # one 3x3 matrix and offset in OD space: od' = od·(H·diag(α)·R) + β·R
+    m = (HED_FROM_RGB * alpha[None, :]) @ RGB_FROM_HED
+    b = np.asarray(beta, dtype=np.float64) @ RGB_FROM_HED
+    out = od.reshape(-1, 3) @ m.astype(np.float32) + b.astype(np.float32)
+    return (np.exp(-out) * 255.0).reshape(img.shape).astype(np.float32)
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -93,7 +106,7 @@ class PhotometricAugment:
         if p.hed_sigma > 0 and rng.random() < p.p_hed:
             alpha = rng.uniform(1 - p.hed_sigma, 1 + p.hed_sigma, 3)
             beta = rng.uniform(-p.hed_sigma, p.hed_sigma, 3)
-            out = hed_jitter(out, alpha, beta)
+            out = np.minimum(hed_jitter(img, alpha, beta), 255.0)
         if rng.random() < p.p_jitter:
             for op in rng.permutation(4):
                 if op == 0 and p.brightness > 0:

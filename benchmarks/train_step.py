@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # CPU: ResNet-18, batch 32, 112 px (indicative)
     python benchmarks/train_step.py --device cuda --precision bf16 --backbone resnet50 --size 224 --batch 128
     python benchmarks/train_step.py --crop rrc            # any registered crop policy for the loader part
+    python benchmarks/train_step.py --rho                 # throughput against the small-window size (rho_sweep.py)
 
 Part 1 times one optimiser step (forward, backward, SGD step, bank/queue/momentum update) on
 synthetic batches for MoCo v2, SimCLR, full SGCL and SGCL without each term — same backbone,
@@ -202,6 +203,11 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
                    help="time the on-device colour jitter inside the step (aug.gpu); default on for CUDA")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--rho", nargs="?", const="", default=None,
+                   help="sweep mode (benchmarks/rho_sweep.py): step and loader throughput against the small-window size "
+                        "rho in native mode, e.g. --rho or --rho 1,1/2,1/4,1/8")
+    p.add_argument("--rho-method", default="moco_v2", help="method of the --rho sweep (moco_v2 | simclr | sgcl)")
+    p.add_argument("--dense", action="store_true", help="--rho sweep with the dense pixel-level term")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -228,6 +234,15 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads'}), "
           f"{args.backbone}, batch {args.batch}, global {args.size}px, local {args.local_size}px, {args.precision}, N={args.bank_rows}")
+    if args.rho is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from rho_sweep import run as rho_sweep
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sweep = rho_sweep(args, device, loader_rate, tile_demo, Path(tmp))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rho_sweep": sweep}, indent=2, default=str))
+        return 0
     results: dict = {"args": vars(args), "steps": [], "loader": {}}
     variants = [] if args.loader_only else args.variants.split(",")
     runners = {v: StepRunner(v, args, device) for v in variants}

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sgcl.methods.dense import DenseConfig
+
 
 @dataclass
 class SGCLConfig:
@@ -72,6 +74,7 @@ class MethodConfig:
     sgcl: SGCLConfig = field(default_factory=SGCLConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)  # optional pixel-level term (sgcl.methods.dense)
 
 
 def build_method(cfg: MethodConfig, backbone):  # noqa: ANN001 - re-exported factory

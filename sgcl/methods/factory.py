@@ -27,4 +27,9 @@ def build_method(cfg: MethodConfig, backbone: nn.Module) -> PretrainMethod:
     registry = _registry()
     if cfg.name not in registry:
         raise ValueError(f"unknown method {cfg.name!r}; choose one of {sorted(registry)} (method.name)")
-    return registry[cfg.name](cfg, backbone)
+    method = registry[cfg.name](cfg, backbone)
+    if cfg.dense.enabled:  # the dense pixel-level term, added to any global objective with a weight
+        from sgcl.methods.dense import DenseMethod
+
+        method = DenseMethod(method, cfg.dense)
+    return method

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from sgcl.methods.config import MethodConfig
+from sgcl.transforms.scale_aware import SmallWindowConfig
 
 
 @dataclass
@@ -27,7 +28,9 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    crop: str = "rrc"                   # crop policy name (sgcl.transforms.crops.CROP_POLICIES)
+    crop: str = "rrc"                   # crop policy name (sgcl.transforms.crops.CROP_POLICIES): rrc | full | small_window
+    local_crop: Literal["rrc", "small_window"] = "rrc"  # policy of the SGCL quadrant (multi-crop local) views
+    small_window: SmallWindowConfig = field(default_factory=SmallWindowConfig)  # scale-aware crops (methods.md §2)
     global_size: int = 224
     global_scale: tuple[float, float] = (0.2, 1.0)
     local_size: int = 96                # SGCL quadrant crops

@@ -9,6 +9,7 @@ accumulation, checkpoints atomically, logs metrics, and exports the backbone at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import deque
 import os
 import random
@@ -96,11 +97,15 @@ def photometric_params(aug) -> PhotometricParams:
 def build_sample_transform(aug, num_views: int, needs_local: bool) -> SampleTransform:
     """The per-sample transform of the config's ``aug`` section for a method's view needs."""
     photometric = None if aug.gpu else PhotometricAugment(photometric_params(aug))
-    policy = build_crop_policy(aug.crop, aug.global_size, tuple(aug.global_scale))
+    window = dataclasses.asdict(aug.small_window)
+    policy = build_crop_policy(aug.crop, aug.global_size, tuple(aug.global_scale), **(window if aug.crop == "small_window" else {}))
     builder = ViewBuilder(policy, photometric, hflip_p=aug.hflip, rotate90=aug.rotate90)
     multicrop = None
     if needs_local:
-        local_policy = RandomResizedCropPolicy(aug.local_size, scale=tuple(aug.local_scale))
+        if aug.local_crop == "small_window":
+            local_policy = build_crop_policy("small_window", aug.local_size, **window)
+        else:
+            local_policy = RandomResizedCropPolicy(aug.local_size, scale=tuple(aug.local_scale))
         multicrop = QuadrantMultiCrop(ViewBuilder(local_policy, photometric, hflip_p=aug.hflip, rotate90=aug.rotate90))
     return SampleTransform(builder, num_views=num_views, multicrop=multicrop, normalize=not aug.gpu)
 

@@ -73,7 +73,13 @@ class FullCropPolicy:
         return box, box
 
 
-CROP_POLICIES = {"rrc": RandomResizedCropPolicy, "full": FullCropPolicy}
+def _small_window(out_size: int | None, scale=None, **options):  # noqa: ANN001 - lazy import keeps this module light
+    from sgcl.transforms.scale_aware import small_window_policy
+
+    return small_window_policy(out_size, scale, **options)
+
+
+CROP_POLICIES = {"rrc": RandomResizedCropPolicy, "full": FullCropPolicy, "small_window": _small_window}
 
 
 def register_crop_policy(name: str, factory) -> None:

@@ -1,0 +1,1 @@
+"""Where to look: stratified (ARCO SG/SAG) and information-guided (IGU-Aug) pixel sampling."""

@@ -65,7 +65,11 @@ def load_encoder(spec: str, model_name: str | None = None, input_size: int | Non
 
     from sgcl.models.backbone import load_backbone
 
-    model, info = load_backbone(spec, model_name=model_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a timm name without weights: a reproducible random-init baseline
+        model, info = load_backbone(spec, model_name=model_name)
+    if not info.get("sha256"):
+        info = {**info, "sha256": state_sha256(model), "weights": "random-init(seed=0)"}
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -75,6 +79,18 @@ def load_encoder(spec: str, model_name: str | None = None, input_size: int | Non
     if interp not in ("bilinear", "bicubic", "nearest"):
         interp = "bilinear"
     return Encoder(model, info, size, tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]), interp)
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of the parameters and buffers (names, shapes, bytes) of ``model``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class BatchTransform:

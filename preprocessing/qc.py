@@ -1,0 +1,60 @@
+"""Per-slide QC picture: thumbnail + tissue contour (green) + kept patch grid (blue) + a caption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sgcl.utils.atomic import atomic_path
+
+TISSUE_COLOUR = (0, 170, 0)
+PATCH_COLOUR = (30, 60, 230)
+
+
+def render_qc(thumbnail: np.ndarray, level0_size: tuple[int, int], tissue_mask: np.ndarray | None,
+              coords: np.ndarray, patch_size_level0: float, caption: str) -> np.ndarray:
+    """RGB picture of ``thumbnail`` (covering the whole slide) with the overlays and a caption bar."""
+    img = np.ascontiguousarray(thumbnail.copy())
+    th, tw = img.shape[:2]
+    sx, sy = tw / level0_size[0], th / level0_size[1]
+    if tissue_mask is not None and tissue_mask.any():
+        m = cv2.resize(tissue_mask.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, contours, -1, TISSUE_COLOUR, max(1, round(max(th, tw) / 500)))
+    for x, y in np.asarray(coords).reshape(-1, 2):
+        p0 = (int(round(x * sx)), int(round(y * sy)))
+        p1 = (int(round((x + patch_size_level0) * sx)) - 1, int(round((y + patch_size_level0) * sy)) - 1)
+        cv2.rectangle(img, p0, p1, PATCH_COLOUR, 1)
+    font, fscale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, min(0.6, tw / 1400))
+    lines = _wrap(caption, max(20, int(tw / (fscale * 20))))
+    line_h = int(26 * fscale) + 6
+    bar = np.full((line_h * len(lines) + 6, tw, 3), 255, np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(bar, line, (4, line_h * (i + 1)), font, fscale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([img, bar], axis=0)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, cur = text.split(" "), [], ""
+    for w in words:
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return lines + [cur] if cur else lines
+
+
+def write_qc_png(path: str | Path, thumbnail: np.ndarray, level0_size: tuple[int, int], tissue_mask: np.ndarray | None,
+                 coords: np.ndarray, patch_size_level0: float, caption: str) -> Path:
+    """Render and write the QC PNG atomically; returns its path."""
+    img = render_qc(thumbnail, level0_size, tissue_mask, coords, patch_size_level0, caption)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for {path}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
+    return path

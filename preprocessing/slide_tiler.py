@@ -1,0 +1,284 @@
+"""Tile one slide: tissue → patch grid at a target µm/px → one HDF5 patch file (the per-slide contract).
+
+``tile_slide`` is what the cohort runner calls once per slide (one reader handle per call). It
+reads large regions — one band per grid row, across consecutive kept cells, chunked in width so
+memory is bounded — and slices the patches out in memory, instead of one small read per patch.
+Peak memory is one band + one write batch, independent of slide size. The output is written under a
+temporary name and renamed when complete (``sgcl.utils.atomic.atomic_path``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import sgcl
+from sgcl.utils.atomic import atomic_path
+
+from .config import TileConfig
+from .grid import PatchGeometry, make_grid, plan_geometry, resize_patch, tissue_fractions
+from .h5format import FORMAT_VERSION, PatchWriter
+from .mpp import MppError, resolve_mpp
+from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
+from .tissue import background_fraction, detect_tissue
+
+TILER_VERSION = 1             # bump when a code change alters the output for the same parameters
+MAX_BAND_PIXELS = 1 << 23     # pixels per region read (≈ 32 MB RGBA): bounds peak memory
+WRITE_BATCH = 256             # patches per append to the HDF5 file
+QC_THUMBNAIL = 1024           # longer side of the QC picture, px
+
+
+class SlideError(RuntimeError):
+    """A slide that cannot be tiled; the message names the slide file and the fix."""
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    path: str
+    status: str  # "done"
+    n_patches: int
+    mpp: float
+    mpp_source: str
+    target_mpp: float
+    achieved_mpp: float
+    read_level: int
+    tissue_area_mm2: float
+    seconds: float
+    qc_png: str | None
+    warnings: list[str] = field(default_factory=list)
+    params_hash: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def params_hash(cfg: TileConfig, reader: str, mpp: float) -> str:
+    """Hash of everything that changes the patch file: patch/tissue/codec parameters, reader, µm/px, code version."""
+    out = cfg.output
+    codec = {"codec": out.codec}
+    if out.codec == "jpeg":
+        codec["jpeg_quality"] = out.jpeg_quality
+    if out.codec == "gzip":
+        codec["gzip_level"] = out.gzip_level
+    payload = {
+        "tiler_version": TILER_VERSION, "format_version": FORMAT_VERSION, "reader": reader, "mpp": repr(float(mpp)),
+        "patch": asdict(cfg.patch), "tissue": asdict(cfg.tissue), "output": codec,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _runs(cols: np.ndarray, x_level: np.ndarray, read_size: int, max_width: int) -> list[np.ndarray]:
+    """Split sorted kept columns into runs read as one region: break at gaps wider than one patch
+    or when the region would exceed ``max_width`` pixels."""
+    runs, start = [], 0
+    for i in range(1, len(cols) + 1):
+        if i == len(cols):
+            runs.append(cols[start:i])
+            break
+        gap = x_level[cols[i]] - (x_level[cols[i - 1]] + read_size)
+        width = x_level[cols[i]] + read_size - x_level[cols[start]]
+        if gap > read_size or width > max_width:
+            runs.append(cols[start:i])
+            start = i
+    return runs
+
+
+def _open(path: Path, cfg: TileConfig) -> SlideReader:
+    try:
+        return open_slide(path, cfg.reader)
+    except SlideOpenError as exc:
+        raise SlideError(str(exc)) from exc
+    except ValueError as exc:  # unknown reader name
+        raise SlideError(f"{path}: {exc}") from exc
+
+
+def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
+               mpp_override: float | None = None, qc_png: Path | None = None, progress: bool = False) -> SlideResult:
+    """Tile ``path`` into ``out_h5`` (atomically); write the QC PNG to ``qc_png`` when given.
+
+    Raises :class:`SlideError` (naming the slide and the fix) when the slide cannot be opened, has no
+    µm/px, or a region cannot be decoded; no output file exists afterwards in that case.
+    """
+    t_start = time.perf_counter()
+    path, out_h5 = Path(path), Path(out_h5)
+    slide_id = slide_id or path.stem
+    warnings: list[str] = []
+    reader = _open(path, cfg)
+    try:
+        try:
+            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
+        except MppError as exc:
+            raise SlideError(str(exc)) from exc
+        pc, tc = cfg.patch, cfg.tissue
+        try:
+            geom = plan_geometry(reader.level_downsamples, mpp.value, pc.target_mpp, pc.patch_size, pc.stride)
+        except ValueError as exc:
+            raise SlideError(f"{path}: {exc}; fix the patch section of the config") from exc
+        if geom.upsampled:
+            warnings.append(f"slide is coarser ({mpp.value:g} µm/px) than the target {pc.target_mpp:g} µm/px: patches are upsampled")
+        if abs(mpp.x - mpp.y) > 0.01 * mpp.value:
+            warnings.append(f"non-square pixels (mpp x={mpp.x:g}, y={mpp.y:g}); their mean is used")
+        w0, h0 = reader.dimensions
+
+        # -- tissue ---------------------------------------------------------------------
+        t0 = time.perf_counter()
+        det_ds = max(1.0, tc.detection_mpp / mpp.value)
+        try:
+            low = reader.read_scaled(det_ds)
+        except SlideReadError as exc:
+            raise SlideError(f"{exc}. The file is probably corrupt or truncated: copy it again or re-export it") from exc
+        mask_mpp = mpp.value * w0 / low.shape[1]
+        tissue = detect_tissue(low, mask_mpp, tc, level0_size=(w0, h0))
+        grid = make_grid(geom, reader.level_dimensions)
+        frac = tissue_fractions(tissue.mask, tissue.scale, grid, geom.patch_size_level0)
+        keep = (frac >= tc.min_tissue_fraction) & (frac > 0)
+        seconds_tissue = time.perf_counter() - t0
+
+        # -- patches --------------------------------------------------------------------
+        t1 = time.perf_counter()
+        stats = {"n_candidates": int(keep.sum()), "n_background": 0, "n_reads": 0}
+        out_coords: list[np.ndarray] = []
+        with atomic_path(out_h5) as tmp:
+            writer = PatchWriter(tmp, pc.patch_size, codec=cfg.output.codec, quality=cfg.output.jpeg_quality,
+                                 gzip_level=cfg.output.gzip_level)
+            try:
+                _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, out_coords, progress, slide_id)
+                seconds_patches = time.perf_counter() - t1
+                coords = np.concatenate(out_coords) if out_coords else np.zeros((0, 2), np.int64)
+                if writer.n == 0:
+                    warnings.append("no patches: no grid cell passed the tissue and background filters")
+                attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
+                                    {"tissue": seconds_tissue, "patches": seconds_patches,
+                                     "total": time.perf_counter() - t_start}, writer.n)
+                writer.set_attrs(attrs, _clam_trident_attrs(slide_id, reader, mpp.value, geom, out_h5))
+            finally:
+                writer.close()
+        qc_path = None
+        if qc_png is not None:
+            from .qc import write_qc_png
+
+            thumb = reader.thumbnail(QC_THUMBNAIL)
+            caption = (f"{slide_id}: {len(coords)} patches {pc.patch_size}px at {geom.achieved_mpp:.4g} um/px | "
+                       f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2")
+            qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0, caption))
+        return SlideResult(
+            slide_id=slide_id, path=str(path), status="done", n_patches=int(len(coords)), mpp=mpp.value,
+            mpp_source=mpp.source, target_mpp=pc.target_mpp, achieved_mpp=geom.achieved_mpp,
+            read_level=geom.read_level, tissue_area_mm2=tissue.area_mm2, seconds=time.perf_counter() - t_start,
+            qc_png=qc_path, warnings=warnings, params_hash=params_hash(cfg, reader.name, mpp.value),
+        )
+    finally:
+        reader.close()
+
+
+def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.ndarray, keep: np.ndarray,
+                    cfg: TileConfig, writer: PatchWriter, stats: dict, out_coords: list, progress: bool,
+                    slide_id: str) -> None:
+    tc, r, L = cfg.tissue, geom.read_size, geom.read_level
+    max_width = max(r, MAX_BAND_PIXELS // r)
+    rows = np.nonzero(keep.any(axis=1))[0]
+    buf_imgs: list[np.ndarray] = []
+    buf_coords: list[tuple[int, int]] = []
+    buf_grid: list[tuple[int, int]] = []
+    buf_frac: list[float] = []
+
+    def flush() -> None:
+        if not buf_imgs:
+            return
+        imgs = np.stack(buf_imgs)
+        bg = background_fraction(imgs, tc.white_threshold, tc.black_threshold)
+        ok = bg <= tc.max_background_fraction
+        stats["n_background"] += int((~ok).sum())
+        if ok.any():
+            c = np.asarray(buf_coords, np.int64)[ok]
+            writer.append(imgs[ok], c, np.asarray(buf_grid, np.int32)[ok], np.asarray(buf_frac, np.float32)[ok])
+            out_coords.append(c)
+        buf_imgs.clear(), buf_coords.clear(), buf_grid.clear(), buf_frac.clear()
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(keep.sum()), desc=f"tile {slide_id}", unit="patch", leave=False)
+    for j in rows:
+        cols = np.nonzero(keep[j])[0]
+        y_l, y0 = int(grid.y_level[j]), int(grid.y0[j])
+        for run in _runs(cols, grid.x_level, r, max_width):
+            bx = int(grid.x_level[run[0]])
+            width = int(grid.x_level[run[-1]]) + r - bx
+            try:
+                band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r)
+            except SlideReadError as exc:
+                raise SlideError(
+                    f"{exc} (grid row {j}). The slide file is corrupt or truncated: copy it again or re-export it; "
+                    "the rest of the cohort is not affected"
+                ) from exc
+            stats["n_reads"] += 1
+            for c in run:
+                ox = int(grid.x_level[c]) - bx
+                buf_imgs.append(resize_patch(np.ascontiguousarray(band[:, ox:ox + r]), geom.patch_size))
+                buf_coords.append((int(grid.x0[c]), y0))
+                buf_grid.append((int(c), int(j)))
+                buf_frac.append(float(frac[j, c]))
+            if bar is not None:
+                bar.update(len(run))
+            if len(buf_imgs) >= WRITE_BATCH:
+                flush()
+    flush()
+    if bar is not None:
+        bar.close()
+
+
+def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: PatchGeometry, cfg: TileConfig,
+                tissue, stats: dict, warnings: list[str], seconds: dict, n: int) -> dict:
+    st = path.stat()
+    w0, h0 = reader.dimensions
+    return {
+        "slide_id": slide_id, "source_path": str(path.resolve()), "source_size": int(st.st_size),
+        "source_mtime": float(st.st_mtime), "vendor": reader.vendor, "reader": reader.name,
+        "level0_width": int(w0), "level0_height": int(h0), "level_count": reader.level_count,
+        "mpp": mpp.value, "mpp_x": mpp.x, "mpp_y": mpp.y, "mpp_source": mpp.source,
+        "target_mpp": geom.target_mpp, "achieved_mpp": geom.achieved_mpp, "read_level": geom.read_level,
+        "read_downsample": geom.read_downsample, "read_size": geom.read_size,
+        "patch_size": geom.patch_size, "patch_size_level0": geom.patch_size_level0,
+        "stride": geom.stride, "stride_level0": geom.stride_level0,
+        "codec": cfg.output.codec, "jpeg_quality": cfg.output.jpeg_quality if cfg.output.codec == "jpeg" else 0,
+        "tissue_params": asdict(cfg.tissue), "tissue_threshold": tissue.threshold,
+        "tissue_area_mm2": tissue.area_mm2, "tissue_mask_mpp": tissue.mpp,
+        "n_patches": int(n), "n_candidates": stats["n_candidates"], "n_background_dropped": stats["n_background"],
+        "n_region_reads": stats["n_reads"],
+        "params_hash": params_hash(cfg, reader.name, mpp.value), "tiler_version": TILER_VERSION,
+        "package_version": sgcl.__version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds_tissue": seconds["tissue"], "seconds_patches": seconds["patches"], "seconds_total": seconds["total"],
+        "warnings": json.dumps(warnings),
+    }
+
+
+def _clam_trident_attrs(slide_id: str, reader: SlideReader, mpp: float, geom: PatchGeometry, out_h5: Path) -> dict:
+    """Attrs on ``coords`` that CLAM's and TRIDENT's feature extractors read.
+
+    They describe the READ grid: ``patch_size`` px at ``patch_level`` (and, for TRIDENT,
+    ``patch_size`` px at ``target_magnification``), so both tools read exactly the region this tiler
+    read and resize it to their encoder's input; our output size/µm/px are the file attrs.
+    """
+    L = geom.read_level
+    lw, lh = reader.level_dimensions[L]
+    w0, h0 = reader.dimensions
+    level0_mag = 10.0 / mpp  # 10 µm/px ≙ 1x, the convention behind "0.5 µm/px = 20x"
+    return {
+        "patch_size": int(geom.read_size), "patch_level": int(L),
+        "downsample": np.array([geom.read_downsample, geom.read_downsample], np.float64),
+        "downsampled_level_dim": np.array([lw, lh], np.int64), "level_dim": np.array([lw, lh], np.int64),
+        "name": slide_id, "save_path": str(out_h5.parent),
+        "patch_size_level0": int(round(geom.read_size * geom.read_downsample)),
+        "level0_magnification": level0_mag, "target_magnification": level0_mag / geom.read_downsample,
+        "overlap": int(max(0, geom.read_size - round(geom.read_stride))),
+        "level0_width": int(w0), "level0_height": int(h0),
+    }

@@ -1,0 +1,244 @@
+"""tile_slide on real slides and on synthetic pyramids with known content."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import cv2
+import h5py
+import numpy as np
+import openslide
+import pytest
+
+from _tile_fixtures import write_synthetic_slide
+from conftest import shared_path
+from preprocessing import slide_tiler
+from preprocessing.config import TileConfig
+from preprocessing.h5format import PatchFile
+from preprocessing.readers import open_slide
+from preprocessing.slide_tiler import SlideError, params_hash, tile_slide
+
+
+def make_cfg(target_mpp=0.5, patch_size=224, stride=None, codec="raw", **tissue) -> TileConfig:
+    cfg = TileConfig()
+    cfg.patch.target_mpp, cfg.patch.patch_size, cfg.patch.stride = target_mpp, patch_size, stride
+    cfg.output.codec = codec
+    for k, v in tissue.items():
+        setattr(cfg.tissue, k, v)
+    return cfg
+
+
+def expected_patch(path, x, y, level, read_size, patch_size):
+    with open_slide(path) as r:
+        region = r.read_region(x, y, level, read_size, read_size)
+    if read_size == patch_size:
+        return region
+    interp = cv2.INTER_AREA if read_size > patch_size else cv2.INTER_CUBIC
+    return cv2.resize(region, (patch_size, patch_size), interpolation=interp)
+
+
+def check_patches_match(h5, slide, max_abs=0, max_mean=0.0):
+    pf = PatchFile(h5)
+    a = pf.attrs
+    coords, grid = pf.coords(), pf.grid()
+    assert len(pf) > 0
+    for i in range(len(pf)):
+        got = pf.read(i)
+        want = expected_patch(slide, int(coords[i, 0]), int(coords[i, 1]), int(a["read_level"]),
+                              int(a["read_size"]), int(a["patch_size"]))
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= max_abs and diff.mean() <= max_mean, (i, diff.max(), diff.mean())
+    return pf, coords, grid
+
+
+def check_grid_consistent(pf):
+    a, coords, grid = pf.attrs, pf.coords(), pf.grid()
+    ds, stride_l = float(a["read_downsample"]), float(a["stride_level0"]) / float(a["read_downsample"])
+    np.testing.assert_array_equal(coords[:, 0], np.round(np.round(grid[:, 0] * stride_l) * ds).astype(np.int64))
+    np.testing.assert_array_equal(coords[:, 1], np.round(np.round(grid[:, 1] * stride_l) * ds).astype(np.int64))
+    assert len({tuple(g) for g in grid}) == len(grid)
+    order = np.lexsort((grid[:, 0], grid[:, 1]))  # stored row-major
+    np.testing.assert_array_equal(order, np.arange(len(grid)))
+
+
+# -- synthetic slides with known content ------------------------------------------------------
+
+def test_native_resolution_raw_is_pixel_exact(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1536, 2048, mpp=0.5)
+    res = tile_slide(slide, tmp_path / "s.h5", make_cfg(codec="raw"))
+    assert (res.read_level, res.achieved_mpp, res.mpp_source) == (0, 0.5, "header:openslide.mpp-x")
+    pf, coords, grid = check_patches_match(tmp_path / "s.h5", slide, max_abs=0)
+    check_grid_consistent(pf)
+    assert res.n_patches == len(pf) and 15 <= res.n_patches <= 45
+    assert (pf.tissue_fraction() >= 0.5).all()
+
+
+def test_downsample_from_pyramid_level(tmp_path):
+    """0.25 µm/px slide, 0.5 target: read level 1 (exactly 0.5 µm/px), no resize; coords are level-0."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 2048, 2048, mpp=0.25)
+    res = tile_slide(slide, tmp_path / "s.h5", make_cfg())
+    assert res.read_level == 1 and res.achieved_mpp == pytest.approx(0.5)
+    pf, coords, _ = check_patches_match(tmp_path / "s.h5", slide, max_abs=0)
+    check_grid_consistent(pf)
+    assert (coords % 448 == 0).all()  # 224 px at 0.5 µm/px = 448 level-0 px
+
+
+def test_downsample_resize_path_single_level(tmp_path):
+    """No pyramid: read 448 level-0 px and INTER_AREA them to 224."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 2048, 2048, mpp=0.25, pyramid=False)
+    res = tile_slide(slide, tmp_path / "s.h5", make_cfg())
+    assert res.read_level == 0
+    pf, _, _ = check_patches_match(tmp_path / "s.h5", slide, max_abs=0)
+    assert pf.attrs["read_size"] == 448
+
+
+def test_non_integer_ratio(tmp_path):
+    """0.3 → 0.5 µm/px: 373 level-0 px per patch, achieved µm/px recorded exactly (not a nominal magnification)."""
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 2048, 2048, mpp=0.3)
+    res = tile_slide(slide, tmp_path / "s.h5", make_cfg())
+    pf, _, _ = check_patches_match(tmp_path / "s.h5", slide, max_abs=0)
+    check_grid_consistent(pf)
+    a = pf.attrs
+    assert a["read_size"] == 373 and a["patch_size_level0"] == pytest.approx(224 * 0.5 / 0.3)
+    assert res.achieved_mpp == pytest.approx(373 * 0.3 / 224) and a["achieved_mpp"] == pytest.approx(res.achieved_mpp)
+
+
+def test_upsampling_warns(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1024, 1024, mpp=1.0)
+    res = tile_slide(slide, tmp_path / "s.h5", make_cfg(patch_size=128))
+    assert any("upsampled" in w for w in res.warnings)
+    check_patches_match(tmp_path / "s.h5", slide, max_abs=0)
+    assert PatchFile(tmp_path / "s.h5").attrs["read_size"] == 64
+
+
+def test_jpeg_codec_within_tolerance_and_stride_overlap(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1536, 2048, mpp=0.5)
+    res = tile_slide(slide, tmp_path / "s.h5", make_cfg(codec="jpeg", stride=112))
+    pf, _, _ = check_patches_match(tmp_path / "s.h5", slide, max_abs=80, max_mean=3.0)
+    assert pf.codec == "jpeg"
+    check_grid_consistent(pf)
+    ref = tile_slide(slide, tmp_path / "r.h5", make_cfg(codec="raw"))
+    assert res.n_patches > 3 * ref.n_patches  # half stride in both axes ≈ 4× the cells
+    assert pf.file["coords"].attrs["overlap"] == 112
+
+
+def test_band_chunking_does_not_change_output(tmp_path, monkeypatch):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1536, 2048, mpp=0.5)
+    tile_slide(slide, tmp_path / "a.h5", make_cfg())
+    monkeypatch.setattr(slide_tiler, "MAX_BAND_PIXELS", 224 * 300)  # force one read per patch
+    tile_slide(slide, tmp_path / "b.h5", make_cfg())
+    a, b = PatchFile(tmp_path / "a.h5"), PatchFile(tmp_path / "b.h5")
+    assert b.attrs["n_region_reads"] == len(b) > a.attrs["n_region_reads"]
+    np.testing.assert_array_equal(a.coords(), b.coords())
+    np.testing.assert_array_equal(a.read_many(range(len(a))), b.read_many(range(len(b))))
+
+
+def test_zero_patches_writes_empty_file_with_warning(tmp_path):
+    from preprocessing.pyramid_writer import write_pyramidal_tiff
+
+    slide = write_pyramidal_tiff(tmp_path / "blank.tiff", np.full((1024, 1024, 3), 245, np.uint8), 0.5)
+    res = tile_slide(slide, tmp_path / "blank.h5", make_cfg())
+    assert res.n_patches == 0 and any("no patches" in w for w in res.warnings)
+    pf = PatchFile(tmp_path / "blank.h5")
+    assert len(pf) == 0 and json.loads(pf.attrs["warnings"]) == res.warnings
+
+
+def test_corrupt_region_raises_and_leaves_no_file(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 2048, 2048, mpp=0.5)
+    data = bytearray(slide.read_bytes())
+    start = int(len(data) * 0.3)
+    data[start:start + 20000] = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.tiff"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out" / "bad.h5"
+    with pytest.raises(SlideError) as info:
+        tile_slide(bad, out, make_cfg())
+    msg = str(info.value)
+    assert str(bad) in msg and "corrupt" in msg.lower()
+    assert not out.exists() and not any(p.name.endswith(".tmp") for p in out.parent.iterdir())
+
+
+def test_params_hash_tracks_output_parameters():
+    base = make_cfg()
+    h = params_hash(base, "openslide", 0.5)
+    assert h == params_hash(make_cfg(), "openslide", 0.5)
+    assert h != params_hash(make_cfg(target_mpp=1.0), "openslide", 0.5)
+    assert h != params_hash(make_cfg(min_tissue_fraction=0.3), "openslide", 0.5)
+    assert h != params_hash(make_cfg(codec="jpeg"), "openslide", 0.5)
+    assert h != params_hash(base, "image", 0.5) and h != params_hash(base, "openslide", 0.499)
+    no_qc = dataclasses.replace(base, output=dataclasses.replace(base.output, qc=False))
+    assert h == params_hash(no_qc, "openslide", 0.5)  # the QC picture does not change the patch file
+
+
+# -- real slides ---------------------------------------------------------------------------
+
+def test_cmu_svs_header_mpp_and_qc(tmp_path):
+    slide = shared_path("wsi", "cmu-1-small-region.svs")
+    res = tile_slide(slide, tmp_path / "cmu.h5", make_cfg(codec="jpeg"), qc_png=tmp_path / "qc" / "cmu.png")
+    assert res.status == "done" and res.mpp == pytest.approx(0.499) and res.mpp_source == "header:openslide.mpp-x"
+    assert 30 <= res.n_patches <= 70, res.n_patches  # README: ~45 of ~117 tiles have > 50 % tissue
+    assert 0.2 < res.tissue_area_mm2 < 1.6  # the slide is 1.1 × 1.5 mm
+    qc = cv2.imread(res.qc_png)
+    assert qc is not None and qc.shape[0] > 500
+    with h5py.File(tmp_path / "cmu.h5") as f:
+        for key in ("format_version", "slide_id", "source_path", "source_size", "source_mtime", "vendor", "mpp",
+                    "mpp_source", "target_mpp", "achieved_mpp", "read_level", "read_downsample", "patch_size",
+                    "patch_size_level0", "stride", "tissue_params", "params_hash", "package_version", "seconds_total"):
+            assert key in f.attrs, key
+        assert f.attrs["vendor"] == "aperio" and f.attrs["params_hash"] == res.params_hash
+
+
+def test_clam_style_reader_reads_the_same_regions(tmp_path):
+    """The way CLAM's Whole_Slide_Bag_FP reads a coords file: patch_level + patch_size from coords attrs,
+    read_region at each coord, resize to the encoder's size."""
+    slide = shared_path("wsi", "cmu-1-small-region.svs")
+    h5 = tmp_path / "cmu.h5"
+    tile_slide(slide, h5, make_cfg(codec="raw"))
+    wsi = openslide.OpenSlide(str(slide))
+    with h5py.File(h5, "r") as f:
+        dset = f["coords"]
+        patch_level, patch_size = int(dset.attrs["patch_level"]), int(dset.attrs["patch_size"])
+        coords = dset[:]
+        stored = f["imgs"][:]
+        for key in ("downsample", "downsampled_level_dim", "level_dim", "name", "patch_size_level0",
+                    "level0_magnification", "target_magnification", "overlap", "level0_width", "level0_height"):
+            assert key in dset.attrs, key
+    for coord, patch in zip(coords[:10], stored[:10]):
+        img = wsi.read_region(tuple(int(v) for v in coord), patch_level, (patch_size, patch_size)).convert("RGB")
+        img = cv2.resize(np.asarray(img), (224, 224), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(img, patch)
+
+
+def test_tcga_jp2k_without_mpp_fails_then_succeeds_with_override(tmp_path):
+    slide = shared_path("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    out = tmp_path / "tcga.h5"
+    with pytest.raises(SlideError) as info:
+        tile_slide(slide, out, make_cfg())
+    msg = str(info.value)
+    assert str(slide) in msg and "mpp" in msg and "CSV" in msg and "--assume-mpp" in msg
+    assert not out.exists()
+    res = tile_slide(slide, out, make_cfg(), mpp_override=0.5)
+    assert res.mpp_source == "csv" and 120 <= res.n_patches <= 260  # README: ~188 of ~285 tiles
+    cfg = make_cfg()
+    cfg.assume_mpp = 0.25
+    res = tile_slide(slide, tmp_path / "tcga_assume.h5", cfg)
+    assert res.mpp_source == "assume-mpp" and res.read_level == 1  # level 1 is 0.5 µm/px
+
+
+def test_dicom_pyramid_level_choice(tmp_path):
+    slide = shared_path("wsi", "dicom-cmu1", "level-0-frames-0-30.dcm")
+    res = tile_slide(slide, tmp_path / "d.h5", make_cfg(target_mpp=2.0, patch_size=64))
+    pf = PatchFile(tmp_path / "d.h5")
+    assert res.read_level == 2 and pf.attrs["vendor"] == "dicom"  # level 2: 0.499 × 4.002 ≈ 1.997 µm/px
+    assert pf.attrs["read_downsample"] == pytest.approx(4.0, rel=1e-3)
+    assert res.achieved_mpp == pytest.approx(2.0, rel=0.02) and res.n_patches > 0
+
+
+def test_generic_tiff_fixture_needs_override(tmp_path):
+    slide = shared_path("wsi", "openslide-fixtures", "boxes.tiff")
+    with pytest.raises(SlideError, match="implausible"):
+        tile_slide(slide, tmp_path / "b.h5", make_cfg())
+    res = tile_slide(slide, tmp_path / "b.h5", make_cfg(patch_size=32, target_mpp=1.0, min_area_mm2=0.0),
+                     mpp_override=0.5)
+    assert res.mpp_source == "csv" and res.read_level == 1 and PatchFile(tmp_path / "b.h5").attrs["read_size"] == 32

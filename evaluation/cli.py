@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if protocol not in PROTOCOLS:
         print(f"sgcl eval: unknown protocol {protocol!r}\n{_usage()}", file=sys.stderr)
         return 2
-    args = build_parser(protocol).parse_args(rest)
+    from evaluation.extract import parse_args
+
+    args = parse_args(build_parser(protocol), rest)
     from evaluation.labels import LabelsError
 
     try:

@@ -27,6 +27,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -42,6 +43,7 @@ from sgcl import __version__
 from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
 from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
 
+OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 MANIFEST_FIELDS = ["slide_id", "status", "n_patches", "feature_dim", "encoder", "weights_sha256", "read_mode",
                    "source", "h5_path", "pt_path", "seconds", "patches_per_second", "rank", "error"]
 
@@ -286,8 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with ``key=value`` overrides allowed anywhere (also after multi-value options)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [t for t in argv if OVERRIDE_RE.match(t)]
+    args = parser.parse_args([t for t in argv if not OVERRIDE_RE.match(t)])
+    args.overrides = overrides + list(args.overrides)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         cfg = config_from_args(ExtractConfig, args, FLAG_MAP)
         if not cfg.inputs:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import h5py
 import numpy as np
 
@@ -57,41 +56,10 @@ def count_patches(path: Path) -> int:
 
 
 def open_reader(path: str | Path):
-    """A slide reader with ``read_region(x0, y0, level, w, h) -> RGB uint8`` and ``level_downsamples``:
-    the tiling stage's readers (``preprocessing.readers``)."""
-    try:
-        from preprocessing.readers import open_slide
-    except ImportError:  # TEMPORARY until branch tile-core (slide readers) is merged
-        return _OpenSlideAdapter(path)
+    """The tiling stage's reader for ``path`` (``read_region(x0, y0, level, w, h) -> RGB uint8``)."""
+    from preprocessing.readers import open_slide
+
     return open_slide(str(path))
-
-
-class _OpenSlideAdapter:
-    def __init__(self, path):
-        import openslide
-
-        self.slide = openslide.OpenSlide(str(path))
-        self.level_downsamples = list(self.slide.level_downsamples)
-
-    def read_region(self, x0, y0, level, w, h):
-        return np.asarray(self.slide.read_region((x0, y0), level, (w, h)).convert("RGB"))
-
-
-def reader_downsamples(reader) -> list[float]:
-    for name in ("level_downsamples", "downsamples"):
-        value = getattr(reader, name, None)
-        if value is not None:
-            return [float(v) for v in value]
-    return [1.0]
-
-
-def best_level(downsamples: Sequence[float], wanted: float, tol: float = 0.01) -> int:
-    """The coarsest level whose downsample does not exceed ``wanted`` (never upsamples needlessly)."""
-    best = 0
-    for i, ds in enumerate(downsamples):
-        if ds <= wanted * (1 + tol) and ds >= downsamples[best]:
-            best = i
-    return best
 
 
 class StoredPatches:
@@ -121,21 +89,24 @@ class SlideGeometry:
 
 
 class SlidePatches:
-    """Patches read on the fly from a slide at recorded level-0 coordinates."""
+    """Patches read on the fly from a slide at recorded level-0 coordinates: ``read_size`` px at
+    ``level`` (as recorded by the tiler / CLAM), resized to ``patch_size`` like the tiler does."""
 
     def __init__(self, slide_path: Path, coords: np.ndarray, patch_size: int, patch_size_level0: float,
-                 level: int | None = None):
+                 level: int | None = None, read_size: int | None = None):
         self.slide_path = Path(slide_path)
-        if not self.slide_path.is_file() and not self.slide_path.is_dir():
-            raise SourceError(f"slide {self.slide_path} does not exist; pass slide_dir= pointing at the slides")
+        if not self.slide_path.exists():
+            raise SourceError(f"slide {self.slide_path} does not exist; pass slide_dirs=[<folder with the slides>]")
         self.coords = np.asarray(coords, dtype=np.int64)
         reader = open_reader(self.slide_path)
-        ds = reader_downsamples(reader)
+        ds = list(reader.level_downsamples)
         if level is None:
-            level = best_level(ds, patch_size_level0 / patch_size)
+            level = reader.best_level_for_downsample(patch_size_level0 / patch_size)
         if not 0 <= level < len(ds):
             raise SourceError(f"{self.slide_path}: level {level} does not exist (the slide has {len(ds)} levels)")
-        self.geometry = SlideGeometry(level, int(round(patch_size_level0 / ds[level])), int(patch_size), float(patch_size_level0))
+        if read_size is None:
+            read_size = max(1, int(round(patch_size_level0 / ds[level])))
+        self.geometry = SlideGeometry(int(level), int(read_size), int(patch_size), float(patch_size_level0))
         self._reader, self._pid = reader, os.getpid()
 
     def __getstate__(self) -> dict:
@@ -152,13 +123,12 @@ class SlidePatches:
         return len(self.coords)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        from preprocessing.grid import resize_patch
+
         g = self.geometry
         x, y = (int(v) for v in self.coords[i])
-        img = np.asarray(self._get_reader().read_region(x, y, g.level, g.read_size, g.read_size))[..., :3]
-        if img.shape[0] != g.patch_size or img.shape[1] != g.patch_size:
-            img = cv2.resize(img, (g.patch_size, g.patch_size), interpolation=cv2.INTER_AREA
-                             if img.shape[0] > g.patch_size else cv2.INTER_LINEAR)
-        return np.ascontiguousarray(img, dtype=np.uint8)
+        img = self._get_reader().read_region(x, y, g.level, g.read_size, g.read_size)
+        return np.ascontiguousarray(resize_patch(np.asarray(img)[..., :3], g.patch_size), dtype=np.uint8)
 
     def describe(self) -> dict:
         g = self.geometry
@@ -173,7 +143,7 @@ def find_slide(slide_id: str, attrs: dict, slide_dirs: Sequence[str]) -> Path:
             cand = Path(d) / f"{slide_id}{suffix}"
             if cand.exists():
                 return cand
-        matches = sorted(Path(d).glob(f"{slide_id}.*"))
+        matches = sorted(q for q in Path(d).glob(f"{slide_id}.*") if q.suffix.lower() not in (".h5", ".csv", ".json", ".pt"))
         if matches:
             return matches[0]
     recorded = attrs.get("slide_path") or attrs.get("source_path") or attrs.get("slide")
@@ -201,18 +171,21 @@ def open_source(path: Path, slide_dirs: Sequence[str] = (), read_from: str = "au
     with h5py.File(path, "r") as f:
         coords = f["coords"][:]
         stored_size = int(f["imgs"].shape[1]) if has_imgs and f["imgs"].ndim == 4 else None
+    out = int(patch_size or stored_size or attrs.get("patch_size") or cattrs.get("patch_size") or 224)
+    if "read_level" in attrs and "read_size" in attrs:  # an `sgcl tile` file: read exactly what the tiler read
+        level0 = float(attrs.get("patch_size_level0") or cattrs.get("patch_size_level0"))
+        return SlidePatches(slide, coords, out, level0, int(attrs["read_level"]), int(attrs["read_size"]))
+    if "patch_size" in cattrs:  # CLAM / TRIDENT: patch_size px at patch_level
+        level = int(cattrs.get("patch_level", 0))
+        read = int(cattrs["patch_size"])
+        ds = cattrs.get("downsample")
+        ds = float(np.atleast_1d(ds)[0]) if ds is not None else list(open_reader(slide).level_downsamples)[level]
+        out = int(patch_size or stored_size or read)
+        return SlidePatches(slide, coords, out, float(cattrs.get("patch_size_level0") or read * ds), level, read)
     level0 = cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")
     if level0 is None:
-        # CLAM: patch_size pixels at patch_level, whose downsample is recorded (or read from the slide)
-        if "patch_size" not in cattrs:
-            raise SourceError(f"{path}: coords attrs name no patch size (patch_size_level0 or patch_size + patch_level)")
-        lvl = int(cattrs.get("patch_level", 0))
-        ds = cattrs.get("downsample")
-        if ds is None:
-            ds = reader_downsamples(open_reader(slide))[lvl]
-        ds = float(np.atleast_1d(ds)[0])
-        level0 = float(cattrs["patch_size"]) * ds
-    out = int(patch_size or stored_size or attrs.get("patch_size") or cattrs.get("patch_size") or 224)
+        raise SourceError(f"{path}: the coords attrs name no patch size (need patch_size [+ patch_level] or "
+                          "patch_size_level0); re-create the coords with `sgcl tile` or CLAM")
     return SlidePatches(slide, coords, out, float(level0))
 
 

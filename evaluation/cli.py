@@ -245,7 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     protocol, rest = argv[0], argv[1:]
     if protocol == "seg":
-        return int(importlib.import_module("evaluation.segmentation.cli").main(rest) or 0)
+        try:
+            seg = importlib.import_module("evaluation.segmentation.cli")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("evaluation.segmentation"):
+                print("sgcl eval seg: segmentation (evaluation/segmentation) is not part of this installation", file=sys.stderr)
+                return 2
+            raise
+        return int(seg.main(rest) or 0)
     if protocol not in PROTOCOLS:
         print(f"sgcl eval: unknown protocol {protocol!r}\n{_usage()}", file=sys.stderr)
         return 2

@@ -131,6 +131,17 @@ def write_features_h5(dest: Path, features: np.ndarray, coords: np.ndarray, grid
                 f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
 
 
+def patch_mpp(attrs: dict, desc: dict) -> float | None:
+    """µm/px of the patches as the encoder saw them: the tiler's achieved/target µm/px, else the
+    slide's level-0 µm/px scaled by level-0 size / patch size; None when unknown (CLAM files)."""
+    for key in ("achieved_mpp", "target_mpp"):
+        if attrs.get(key) not in (None, ""):
+            return float(attrs[key])
+    if attrs.get("mpp") not in (None, "") and desc.get("patch_size_level0") and desc.get("patch_size"):
+        return float(attrs["mpp"]) * float(desc["patch_size_level0"]) / float(desc["patch_size"])
+    return float(attrs["mpp"]) if attrs.get("mpp") not in (None, "") else None
+
+
 def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device: torch.device) -> dict:
     """Export one slide; returns its manifest row."""
     from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
@@ -160,7 +171,7 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
         coords = f["coords"][:].astype(np.int64)
     level0 = desc.get("patch_size_level0") or cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")
     grid = grid_from(path, coords, level0)
-    mpp = attrs.get("mpp", attrs.get("target_mpp", cattrs.get("mpp")))
+    mpp = patch_mpp(attrs, desc)
     out_attrs = {
         "slide_id": sid, "encoder": encoder.name, "weights_sha256": encoder.info.get("sha256") or "",
         "feature_dim": int(feats.shape[1]), "input_size": encoder.input_size, "mpp": float(mpp) if mpp not in (None, "") else -1.0,

@@ -76,6 +76,10 @@ class StoredPatches:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.file.read(i)
 
+    def __getitems__(self, indices: list[int]) -> list[np.ndarray]:
+        """A whole batch at once (DataLoader calls this): contiguous rows are one HDF5 read."""
+        return list(self.file.read_many(indices))
+
     def describe(self) -> dict:
         return {"read_mode": "stored", "patch_size": self.file.patch_size}
 

@@ -236,3 +236,25 @@ def test_eval_cli_bad_input(nct_h5, tmp_path, capsys):
                      "fewshot.shots=[1,2]", "fewshot.seeds=[0,1]", "--out", str(tmp_path / "o4")]) == 0
     res = json.loads((tmp_path / "o4" / "results.json").read_text())
     assert res["n"]["test"] == 12 and set(res["fewshot"]) == {"1", "2"}
+
+
+def test_shipped_configs_load_and_seg_is_dispatched(monkeypatch):
+    import sys
+    import types
+
+    from evaluation import cli
+    from evaluation.extract import ExtractConfig
+    from sgcl.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("knn", "linear", "fewshot"):
+        cfg = load_config(cli.EvalConfig, repo / "configs" / "eval" / f"{name}.yaml")
+        assert cfg.out_dir == f"outputs/eval/{name}"
+    assert load_config(cli.EvalConfig, repo / "configs" / "eval" / "knn.yaml").knn.ks == [10, 20, 100, 200]
+    assert load_config(ExtractConfig, repo / "configs" / "eval" / "extract.yaml").feature_dtype == "float32"
+    seen = {}
+    fake = types.ModuleType("evaluation.segmentation.cli")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "evaluation.segmentation", types.ModuleType("evaluation.segmentation"))
+    monkeypatch.setitem(sys.modules, "evaluation.segmentation.cli", fake)
+    assert cli.main(["seg", "train", "x=1"]) == 0 and seen["argv"] == ["train", "x=1"]

@@ -17,7 +17,7 @@ CONFIGS = [
     ("sgcl pretrain", "sgcl.train.config:PretrainConfig"),
     ("sgcl extract", "evaluation.extract:ExtractConfig"),
     ("sgcl eval knn|linear|fewshot", "evaluation.cli:EvalConfig"),
-    ("sgcl eval seg", "evaluation.segmentation.cli:SegConfig"),
+    ("sgcl eval seg", "evaluation.segmentation.config:SegConfig"),
     ("sgcl demo", "sgcl.demo:DemoConfig"),
 ]
 

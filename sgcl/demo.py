@@ -11,6 +11,7 @@ patch, the fraction of its k nearest feature-space neighbours that are its spati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import sys
@@ -24,22 +25,27 @@ from sgcl.config import add_config_arguments, config_from_args, to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_SLIDE = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
 
 
 @dataclass
 class DemoConfig:
-    slide: str = str(DEMO_SLIDE)          # the slide to run on (default: the shipped CC0 demo slide)
+    slide: str = "data/demo/CMU-1-Small-Region.svs"  # the slide to run on (default: the shipped CC0 demo slide)
     out_dir: str = "demo_out"
     target_mpp: float = 0.5               # µm/px of the patches
     patch_size: int = 128                 # patch side in pixels (small, so the demo slide yields ~200 patches)
-    pretrain_config: str = str(REPO / "configs" / "pretrain" / "demo_cpu.yaml")
+    pretrain_config: str = "configs/pretrain/demo_cpu.yaml"  # paths relative to the cwd, else to the repo
     methods: list[str] = field(default_factory=lambda: ["sgcl", "moco_v2"])  # trained with the same budget
     epochs: int = 12                      # pretraining epochs per method
     device: str = "auto"                  # auto: a GPU when present, else the CPU
     knn_k: int = 8                        # neighbours for spatial retrieval
     radius: float = 1.5                   # grid cells that count as spatial neighbours (8-neighbourhood)
     seed: int = 0
+
+
+def _resolve(path: str) -> str:
+    """A path as given, or relative to the repo when it does not exist from the working directory."""
+    p = Path(path)
+    return str(p if p.exists() or p.is_absolute() else REPO / p)
 
 
 def _step(name: str, log) -> float:
@@ -59,6 +65,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     from sgcl.train.config import PretrainConfig
     from sgcl.train.trainer import Trainer
 
+    cfg = dataclasses.replace(cfg, slide=_resolve(cfg.slide), pretrain_config=_resolve(cfg.pretrain_config))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="auto | cpu | cuda")
     args = parser.parse_args(argv)
     cfg = config_from_args(DemoConfig, args, {"out_dir": "out_dir", "slide": "slide", "epochs": "epochs", "device": "device"})
-    if not Path(cfg.slide).is_file():
+    if not Path(_resolve(cfg.slide)).is_file():
         print(f"sgcl demo: slide {cfg.slide} not found; pass --slide PATH", file=sys.stderr)
         return 2
     run_demo(cfg)

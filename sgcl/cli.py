@@ -40,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sgcl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[name]
+    from sgcl.config import ConfigError
+
     module = importlib.import_module(module_name)
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as exc:  # a wrong key or value: the message names it, no traceback needed
+        print(f"sgcl {name}: config error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

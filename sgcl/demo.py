@@ -97,15 +97,15 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         trainer = Trainer(pcfg)
         trainer.setup()
         try:
-            trainer.fit()
-            exports[name] = trainer.export() or run_dir / "export"
+            trainer.fit()  # exports the backbone to <run_dir>/export at the end
+            exports[name] = run_dir / "export"
         finally:
             trainer.close()
         curves[name] = _loss_curve(run_dir / "metrics.csv")
         timings[f"pretrain_{name}_s"] = time.perf_counter() - t0
 
     # 3. feature export ------------------------------------------------------------------------------
-    encoders = {"random_init": pcfg.model.backbone, **{k: str(v.parent if v.is_file() else v) for k, v in exports.items()}}
+    encoders = {"random_init": pcfg.model.backbone, **{k: str(v) for k, v in exports.items()}}
     feats: dict[str, dict] = {}
     for name, spec in encoders.items():
         t0 = _step(f"3/4 feature export: {name}", log)

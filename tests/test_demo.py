@@ -1,0 +1,35 @@
+"""`sgcl demo` end to end on the shipped demo slide, with a tiny budget (the real demo trains longer)."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import torch
+
+from sgcl.demo import DemoConfig, run_demo
+
+
+def test_demo_pipeline_on_shipped_slide(tmp_path, demo_slide):
+    torch.set_num_threads(1)
+    cfg = DemoConfig(slide=str(demo_slide), out_dir=str(tmp_path / "demo"), pretrain_config="configs/pretrain/tiny_cpu.yaml",
+                     methods=["sgcl"], epochs=1, patch_size=128)
+    results = run_demo(cfg, log=lambda *_: None)
+    out = tmp_path / "demo"
+    # every stage left its product
+    assert (out / "tiles" / "index.html").is_file() and (out / "tiles" / "manifest.csv").is_file()
+    assert (out / "pretrain" / "sgcl" / "export" / "backbone.safetensors").is_file()
+    for name in ("random_init", "sgcl"):
+        with h5py.File(out / "features" / name / "h5_files" / "CMU-1-Small-Region.h5", "r") as f:
+            assert f["features"].shape[0] == results["n_patches"] > 50
+        assert torch.load(out / "features" / name / "pt_files" / "CMU-1-Small-Region.pt", weights_only=True).shape[0] == results["n_patches"]
+    # label-free evaluation with CIs for both encoders, and the report links what it shows
+    saved = json.loads((out / "results.json").read_text())
+    for name in ("random_init", "sgcl"):
+        r = saved["encoders"][name]
+        assert 0 <= r["precision_ci95"][0] <= r["precision"] <= r["precision_ci95"][1] <= 1
+        assert 0 < r["chance"] < r["precision"] + 0.5
+    assert saved["encoders"]["sgcl"]["precision"] != saved["encoders"]["random_init"]["precision"]
+    page = (out / "report.html").read_text()
+    for link in ("tiles/index.html", "loss_curves.png", "spatial_retrieval.png", "feature_maps.png"):
+        assert link in page and (out / link).is_file()

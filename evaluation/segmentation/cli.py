@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.config import ConfigError, add_config_arguments, config_from_args
 from sgcl.utils.atomic import atomic_write_json
 
 from .config import SegConfig

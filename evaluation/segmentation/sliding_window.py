@@ -132,8 +132,6 @@ def sliding_window_predict(
     top, left = grid.pad[2], grid.pad[0]
     if any(grid.pad):
         img = _pad(img, grid.pad, pad_mode if min(height, width) > 1 else "replicate")
-    _, ph, pw = img.shape
-    boxes = grid.boxes
     weights = window_weights((wh, ww), weighting).to(device)
     out, norm = _accumulate(model_fn, img, grid.boxes, (wh, ww), weights, batch_size, device, progress)
     out /= norm

@@ -47,20 +47,24 @@ class SlideReader(ABC):
     """A whole-slide image opened for reading (one handle per process)."""
 
     name: str = "base"
+    # geometry and header, filled by each reader when it opens the slide
+    _dims: tuple[tuple[int, int], ...] = ()
+    _ds: tuple[float, ...] = ()
+    _props: Mapping[str, str] = {}
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     # -- pyramid geometry -----------------------------------------------------------------
     @property
-    @abstractmethod
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
         """(width, height) of every level, level 0 first."""
+        return self._dims
 
     @property
-    @abstractmethod
     def level_downsamples(self) -> tuple[float, ...]:
         """Downsample of every level relative to level 0 (level 0 = 1.0)."""
+        return self._ds
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -72,7 +76,8 @@ class SlideReader(ABC):
 
     @property
     def properties(self) -> Mapping[str, str]:
-        return {}
+        """Header key/values, OpenSlide-style (``openslide.mpp-x``, ``openslide.vendor``, ...)."""
+        return self._props
 
     @property
     def vendor(self) -> str:

@@ -8,7 +8,6 @@ exposed as ``tiff.XResolution``/``tiff.YResolution``/``tiff.ResolutionUnit`` lik
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
 import cv2
 import numpy as np
@@ -85,18 +84,6 @@ class ImageReader(SlideReader):
             self._levels.append(None)
         self._dims, self._ds = tuple(dims), tuple(ds)
         self._props = {"openslide.vendor": "image", **props}
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._ds
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._props
 
     @property
     def vendor(self) -> str:

@@ -6,7 +6,6 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import Mapping
 
 import cv2
 import numpy as np
@@ -58,18 +57,6 @@ class OpenSlideReader(SlideReader):
             self._slide.set_cache(self._openslide.OpenSlideCache(mb << 20))
         except (ValueError, self._openslide.OpenSlideError, AttributeError):
             pass  # OpenSlide < 4.0: keep its default cache
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._ds
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._props
 
     def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         try:

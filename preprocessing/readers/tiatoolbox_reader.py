@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -41,18 +40,6 @@ class TiaToolboxReader(SlideReader):
             props["openslide.mpp-x"], props["openslide.mpp-y"] = repr(float(info.mpp[0])), repr(float(info.mpp[1]))
         props["openslide.vendor"] = str(info.vendor or "tiatoolbox")
         self._props = props
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._ds
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._props
 
     def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         try:

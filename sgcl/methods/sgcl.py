@@ -224,14 +224,7 @@ class SGCL(PretrainMethod):
                 pos_idx, pos_mask, neg_idx, neg_mask, diag = self.positive_negative_sets(q, hb, idx, step)
                 pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
                 neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
-                l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
-                w = sigmoid_rampup(epoch, s.rampup_epochs)
-                loss = loss + s.lambda_spatial * w * l_sp
-                out["loss_spatial"] = (w * l_sp).detach()
-                out["loss_spatial_raw"] = l_sp.detach()
-                out["ramp_weight"] = torch.tensor(w)
-                out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
-                out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_mask)
+                loss = loss + self._spatial_term(pos_sim, pos_mask, neg_sim, neg_mask, n, epoch, out)
                 out.update(diag)
             if s.inner_term:
                 assert u is not None
@@ -248,6 +241,19 @@ class SGCL(PretrainMethod):
         return out
 
     @torch.no_grad()
+    def _spatial_term(self, pos_sim: torch.Tensor, pos_mask: torch.Tensor, neg_sim: torch.Tensor,
+                      neg_mask: torch.Tensor, n: int, epoch: int, out: dict) -> torch.Tensor:
+        """λ·w(e)·L_sp (the multi-positive loss over spatial + semantic positives), logging its parts in ``out``."""
+        s, cfg = self.cfg.sgcl, self.cfg
+        l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
+        w = sigmoid_rampup(epoch, s.rampup_epochs)
+        out["loss_spatial"] = (w * l_sp).detach()
+        out["loss_spatial_raw"] = l_sp.detach()
+        out["ramp_weight"] = torch.tensor(w)
+        out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
+        out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_mask)
+        return s.lambda_spatial * w * l_sp
+
     def positive_negative_sets(self, q: torch.Tensor, hb: torch.Tensor, idx: torch.Tensor, step: int):
         """Memory mode: padded positive set ``P_i`` and mined negatives ``H_i`` of each anchor.
 
@@ -363,14 +369,7 @@ class SGCL(PretrainMethod):
                     generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk,
                 )
                 neg_sim = sim.gather(1, neg_idx)
-                l_sp = multi_positive_nce(pos_sim, pos_m, neg_sim, neg_mask, cfg.T_spatial, s.denominator, m)
-                w = sigmoid_rampup(epoch, s.rampup_epochs)
-                loss = loss + s.lambda_spatial * w * l_sp
-                out["loss_spatial"] = (w * l_sp).detach()
-                out["loss_spatial_raw"] = l_sp.detach()
-                out["ramp_weight"] = torch.tensor(w)
-                out["neg_sim"] = _masked_mean(neg_sim.detach(), neg_mask)
-                out["pos_sim"] = _masked_mean(pos_sim.detach(), pos_m)
+                loss = loss + self._spatial_term(pos_sim, pos_m, neg_sim, neg_mask, m, epoch, out)
                 out.update(diag)
             if s.inner_term:
                 assert u is not None

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sgcl import __version__
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.config import ConfigError, add_config_arguments, config_from_args
 from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")

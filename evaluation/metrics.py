@@ -6,7 +6,6 @@ class probabilities ``proba`` of shape ``(N, C)``. Tensors or arrays are accepte
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 

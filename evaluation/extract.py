@@ -1,0 +1,328 @@
+"""``sgcl extract``: per-slide patch features for MIL (CLAM/TRIDENT layout), resumable and distributed.
+
+Output (``<out_dir>/``):
+- ``h5_files/<slide>.h5``: ``features`` (N, D) float32 (or float16), ``coords`` (N, 2) int64 with the
+  input's coords attrs copied, ``grid`` (N, 2) int32; file attrs: encoder, weights_sha256, mpp,
+  patch_size, sgcl_version, timings, params_hash.
+- ``pt_files/<slide>.pt``: ``torch.save`` of the (N, D) features tensor only (what CLAM's MIL loader reads).
+- ``manifest.csv``: one row per slide (status done / skipped / failed, counts, timings, error).
+
+Each slide is written atomically (h5 first, then pt); a slide whose h5 records the same
+``params_hash`` and whose pt exists is skipped, so an interrupted run resumes. A failing slide is
+recorded and the others continue; the exit code is 1 if any failed. Under ``torchrun`` the slides
+are dealt out to ranks by patch count (largest first, to the least-loaded rank); each rank writes
+its slides and rank 0 merges the per-rank manifests.
+
+Example::
+
+    sgcl extract --inputs outputs/tiles/patches --encoder outputs/pretrain/export --out outputs/features
+    sgcl extract --inputs clam/patches --slide-dir /data/slides --encoder resnet50 precision=bf16
+    torchrun --nproc-per-node 4 -m sgcl.cli extract --config configs/eval/extract.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from sgcl import __version__
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
+
+OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+MANIFEST_FIELDS = ["slide_id", "status", "n_patches", "feature_dim", "encoder", "weights_sha256", "read_mode",
+                   "source", "h5_path", "pt_path", "seconds", "patches_per_second", "rank", "error"]
+
+
+@dataclass
+class ExtractConfig:
+    inputs: list[str] = field(default_factory=list)   # patch/coords .h5 files, folders of them, or a CSV/txt list
+    out_dir: str = "outputs/features"
+    encoder: str = "resnet50"                         # export folder / weights file / timm model name
+    model_name: Optional[str] = None                  # timm architecture when the weights file has no backbone.json
+    input_size: Optional[int] = None                  # override the model's input side (default: timm pretrained cfg)
+    slide_dirs: list[str] = field(default_factory=list)  # where slides are found for coords-only inputs
+    read_from: Literal["auto", "stored", "slide"] = "auto"
+    patch_size: Optional[int] = None                  # output patch side for on-the-fly reads (default: recorded)
+    batch_size: int = 64
+    num_workers: int = 4
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    overwrite: bool = False
+    progress: bool = True
+
+
+FLAG_MAP = {"inputs": "inputs", "out": "out_dir", "encoder": "encoder", "slide_dir": "slide_dirs",
+            "batch_size": "batch_size", "num_workers": "num_workers", "device": "device", "precision": "precision"}
+
+
+# -- distribution ---------------------------------------------------------------------------------
+def assign_by_load(counts: Sequence[int], world_size: int) -> list[list[int]]:
+    """Greedy balancing: items sorted by count (largest first, ties by index) each go to the rank with
+    the least total so far (ties → lowest rank). Returns the item indices of each rank."""
+    loads = [0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(counts)), key=lambda j: (-int(counts[j]), j)):
+        r = min(range(world_size), key=lambda q: (loads[q], q))
+        out[r].append(i)
+        loads[r] += int(counts[i])
+    return out
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment (1 process when absent)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# -- one slide ------------------------------------------------------------------------------------
+def params_hash(encoder_fp: dict, cfg: ExtractConfig, source_desc: dict, n: int) -> str:
+    payload = {"encoder": encoder_fp, "precision": cfg.precision, "feature_dtype": cfg.feature_dtype,
+               "source": {k: v for k, v in source_desc.items() if k != "slide_path"}, "n": n}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_done(h5_path: Path, pt_path: Path, phash: str) -> bool:
+    if not (h5_path.is_file() and pt_path.is_file()):
+        return False
+    try:
+        with h5py.File(h5_path, "r") as f:
+            return str(f.attrs.get("params_hash", "")) == phash and "features" in f
+    except OSError:
+        return False
+
+
+def grid_from(path: Path, coords: np.ndarray, level0: float | None) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        if "grid" in f:
+            return f["grid"][:].astype(np.int32)
+    if len(coords) == 0 or not level0:
+        return np.zeros((len(coords), 2), np.int32)
+    return ((coords - coords.min(0)) // float(level0)).astype(np.int32)
+
+
+def write_features_h5(dest: Path, features: np.ndarray, coords: np.ndarray, grid: np.ndarray,
+                      coords_attrs: dict, attrs: dict) -> None:
+    """Write ``h5_files/<slide>.h5`` atomically, chunked by ~1 MiB row blocks (not CLAM's 1-row chunks)."""
+    n, d = features.shape
+    rows = max(1, min(max(n, 1), (1 << 20) // max(1, d * features.dtype.itemsize)))
+    with atomic_path(dest) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, chunks=(rows, d) if n else None)
+            c = f.create_dataset("coords", data=coords.astype(np.int64), chunks=(min(max(n, 1), 65536), 2) if n else None)
+            for k, v in coords_attrs.items():
+                c.attrs[k] = v
+            f.create_dataset("grid", data=grid.astype(np.int32))
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+
+
+def patch_mpp(attrs: dict, desc: dict) -> float | None:
+    """µm/px of the patches as the encoder saw them: the tiler's achieved/target µm/px, else the
+    slide's level-0 µm/px scaled by level-0 size / patch size; None when unknown (CLAM files)."""
+    for key in ("achieved_mpp", "target_mpp"):
+        if attrs.get(key) not in (None, ""):
+            return float(attrs[key])
+    if attrs.get("mpp") not in (None, "") and desc.get("patch_size_level0") and desc.get("patch_size"):
+        return float(attrs["mpp"]) * float(desc["patch_size_level0"]) / float(desc["patch_size"])
+    return float(attrs["mpp"]) if attrs.get("mpp") not in (None, "") else None
+
+
+def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device: torch.device) -> dict:
+    """Export one slide; returns its manifest row."""
+    from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
+    from evaluation.sources import h5_attrs, open_source, slide_id_of
+
+    t0 = time.perf_counter()
+    attrs, cattrs = h5_attrs(path)
+    sid = slide_id_of(path, attrs)
+    h5_path, pt_path = out_dir / "h5_files" / f"{sid}.h5", out_dir / "pt_files" / f"{sid}.pt"
+    source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
+    desc = source.describe()
+    n = len(source)
+    phash = params_hash(encoder.fingerprint(), cfg, desc, n)
+    row = {"slide_id": sid, "n_patches": n, "feature_dim": encoder.num_features, "encoder": encoder.name,
+           "weights_sha256": encoder.info.get("sha256") or "", "read_mode": desc["read_mode"], "source": str(path),
+           "h5_path": str(h5_path), "pt_path": str(pt_path)}
+    if not cfg.overwrite and is_done(h5_path, pt_path, phash):
+        return {**row, "status": "skipped", "seconds": 0.0}
+    stats = EmbedStats()
+    loader = make_loader(source, encoder.transform(), cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
+    feats = embed_batches(encoder.model, loader, device, autocast_dtype(cfg.precision, device), n,
+                          progress=sid if cfg.progress else None, stats=stats)
+    if n == 0:
+        feats = np.zeros((0, encoder.num_features), np.float32)
+    feats = feats.astype(np.float16 if cfg.feature_dtype == "float16" else np.float32)
+    with h5py.File(path, "r") as f:
+        coords = f["coords"][:].astype(np.int64)
+    level0 = desc.get("patch_size_level0") or cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")
+    grid = grid_from(path, coords, level0)
+    mpp = patch_mpp(attrs, desc)
+    out_attrs = {
+        "slide_id": sid, "encoder": encoder.name, "weights_sha256": encoder.info.get("sha256") or "",
+        "feature_dim": int(feats.shape[1]), "input_size": encoder.input_size, "mpp": float(mpp) if mpp not in (None, "") else -1.0,
+        "patch_size": int(desc.get("patch_size") or 0), "read_mode": desc["read_mode"], "source": str(path),
+        "sgcl_version": __version__, "precision": cfg.precision, "params_hash": phash,
+        "timings": {**stats.as_dict(), "seconds_slide": round(time.perf_counter() - t0, 3)},
+        "format": "sgcl-features", "format_version": 1,
+    }
+    write_features_h5(h5_path, feats, coords, grid, cattrs, out_attrs)
+    with atomic_path(pt_path) as tmp:
+        torch.save(torch.from_numpy(feats), tmp)
+    secs = time.perf_counter() - t0
+    return {**row, "status": "done", "seconds": round(secs, 3), "patches_per_second": round(n / secs, 2) if secs else 0}
+
+
+# -- manifest -------------------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def write_manifest(path: Path, rows: dict[str, dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for sid in sorted(rows):
+                w.writerow(rows[sid])
+
+
+def merge_manifests(out_dir: Path, world_size: int) -> list[dict]:
+    """Fold ``manifest.rank<r>.csv`` of this run into ``manifest.csv`` (rows of earlier runs kept);
+    returns this run's rows of all ranks."""
+    rows = read_manifest(out_dir / "manifest.csv")
+    this_run = []
+    for r in range(world_size):
+        part = out_dir / f"manifest.rank{r}.csv"
+        for sid, row in read_manifest(part).items():
+            this_run.append(row)
+            if row["status"] == "skipped" and sid in rows and rows[sid].get("status") == "done":
+                continue  # keep the timings of the run that computed it
+            rows[sid] = row
+        part.unlink(missing_ok=True)
+    write_manifest(out_dir / "manifest.csv", rows)
+    return this_run
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Export every input slide of this rank; returns ``{"rows": [...], "failed": int}``."""
+    from tqdm import tqdm
+
+    from evaluation.embedding import load_encoder, resolve_device
+    from evaluation.sources import count_patches, discover_inputs
+
+    rank, world, local_rank = dist_env()
+    out_dir = Path(cfg.out_dir)
+    for sub in ("h5_files", "pt_files"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir / sub)
+    inputs = discover_inputs(cfg.inputs)
+    counts = []
+    for p in inputs:
+        try:
+            counts.append(count_patches(p))
+        except OSError:
+            counts.append(0)  # unreadable: fails (and is recorded) when its rank opens it
+    mine = [inputs[i] for i in assign_by_load(counts, world)[rank]]
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    encoder = load_encoder(cfg.encoder, cfg.model_name, cfg.input_size)
+    encoder.model.to(device)
+    rows = []
+    for path in tqdm(mine, desc=f"slides (rank {rank}/{world})", unit="slide", disable=not cfg.progress):
+        lock = FileLock(out_dir / "h5_files" / f".{path.stem}.lock")
+        try:
+            lock.acquire()
+        except LockBusy as exc:
+            rows.append({"slide_id": path.stem, "status": "busy", "source": str(path), "rank": rank, "error": str(exc)})
+            continue
+        try:
+            row = extract_slide(path, encoder, cfg, out_dir, device)
+        except Exception as exc:  # one bad slide never stops the cohort
+            msg = f"{type(exc).__name__}: {exc}"
+            print(f"sgcl extract: {path}: FAILED: {msg}", file=sys.stderr)
+            if os.environ.get("SGCL_DEBUG"):
+                traceback.print_exc()
+            row = {"slide_id": path.stem, "status": "failed", "source": str(path), "error": msg}
+        finally:
+            lock.release()
+        row["rank"] = rank
+        rows.append(row)
+    write_manifest(out_dir / f"manifest.rank{rank}.csv", {r["slide_id"]: r for r in rows})
+    if world > 1:
+        _barrier(device)
+    failed = sum(1 for r in rows if r["status"] == "failed")
+    if rank == 0:
+        failed = sum(1 for r in merge_manifests(out_dir, world) if r.get("status") == "failed")
+    return {"rows": rows, "failed": failed, "rank": rank, "world_size": world}
+
+
+def _barrier(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.barrier()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgcl extract", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", help="patch/coords .h5 files or folders (inputs=)")
+    p.add_argument("--out", help="output folder (out_dir=)")
+    p.add_argument("--encoder", help="export folder, weights file or timm model name (encoder=)")
+    p.add_argument("--slide-dir", dest="slide_dir", nargs="+", help="folders with the slides, for coords-only inputs")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--num-workers", dest="num_workers", type=int)
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    add_config_arguments(p)
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse with ``key=value`` overrides allowed anywhere (also after multi-value options)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [t for t in argv if OVERRIDE_RE.match(t)]
+    args = parser.parse_args([t for t in argv if not OVERRIDE_RE.match(t)])
+    args.overrides = overrides + list(args.overrides)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    try:
+        cfg = config_from_args(ExtractConfig, args, FLAG_MAP)
+        if not cfg.inputs:
+            raise ConfigError("no inputs: pass --inputs <patch .h5 files or folders> (or inputs=[...] in the config)")
+        result = run_extract(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"sgcl extract: error: {exc}", file=sys.stderr)
+        return 2
+    rows = result["rows"]
+    summary = {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "skipped", "failed", "busy")}
+    print(f"sgcl extract (rank {result['rank']}): {summary} -> {cfg.out_dir}/manifest.csv")
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

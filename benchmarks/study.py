@@ -69,7 +69,7 @@ ENCODERS: dict[str, list[str] | None] = {
 METRICS = ("spatial_precision", "knn_accuracy", "linear_accuracy", "seg_dice")
 NCT_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
-FULL = dict(backbone="resnet18", size=96, patch_size=96, batch=32, steps=150, lr=0.03, queue=1024,
+FULL = dict(backbone="resnet18", size=96, patch_size=96, batch=32, steps=120, lr=0.03, queue=1024,
             crops=6, crop_size=80, seg_epochs=2, seg_steps=12, seg_patch=96, seg_overlap=0.5, slide_regions=2,
             n_boot=1000)
 QUICK = dict(backbone="test_resnet", size=48, patch_size=96, batch=8, steps=2, lr=0.03, queue=64,

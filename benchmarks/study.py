@@ -69,7 +69,7 @@ ENCODERS: dict[str, list[str] | None] = {
 METRICS = ("spatial_precision", "knn_accuracy", "linear_accuracy", "seg_dice")
 NCT_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
-FULL = dict(backbone="resnet18", size=96, patch_size=96, batch=32, steps=120, lr=0.03, queue=1024,
+FULL = dict(backbone="resnet18", size=96, patch_size=96, batch=32, steps=60, lr=0.03, queue=1024,
             crops=6, crop_size=80, seg_epochs=2, seg_steps=12, seg_patch=96, seg_overlap=0.5, slide_regions=2,
             n_boot=1000)
 QUICK = dict(backbone="test_resnet", size=48, patch_size=96, batch=8, steps=2, lr=0.03, queue=64,
@@ -401,7 +401,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="neighbours for spatial retrieval")
     p.add_argument("--knn-k", type=int, default=10, help="neighbours for kNN classification")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the shared 2-core machine thrashes with 2)")
     args = p.parse_args(argv)
     for key, val in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:

@@ -2,7 +2,7 @@
 at the SAME backbone and compute budget (steps, batch, image size, seed)?
 
     python benchmarks/study.py --out runs/study                # full run (≤ 25 min on 2 CPU cores)
-    python benchmarks/study.py --out runs/study_quick --quick  # smoke run (tiny settings, ~1 min)
+    python benchmarks/study.py --out runs/study_quick --quick  # smoke run (tiny settings, ~25 s)
 
 Data (all real, from ``../shared/data``):
 
@@ -261,10 +261,37 @@ def seg_metric(name: str, encoder: str, task_root: Path, args) -> dict:
 
 # -- run -----------------------------------------------------------------------------------------------------
 
+def evaluate_encoder(name: str, args, h5_dir: Path, patches: SlidePatches, nct: dict, task) -> dict:
+    """Pretrain ``name`` (unless random init), then compute every metric; returns the encoder's row."""
+    from evaluation.embedding import embed_dataset, load_encoder
+
+    t0 = time.perf_counter()
+    if ENCODERS[name] is None:
+        spec, train_s = args.backbone, 0.0
+    else:
+        log(f"== pretraining {name} ({args.steps} steps, batch {args.batch}, {args.size} px, {args.backbone})")
+        spec = pretrain(name, args, h5_dir, len(patches))
+        train_s = time.perf_counter() - t0
+    t = [time.perf_counter()]
+    enc = load_encoder(spec, input_size=args.size)
+    slide_feats = embed_dataset(enc, patches, batch_size=64, num_workers=0, device="cpu", precision="fp32")
+    nct_feats = embed_dataset(enc, nct["images"], batch_size=64, num_workers=0, device="cpu", precision="fp32")
+    t.append(time.perf_counter())
+    metrics = {"spatial_precision": spatial_metric(slide_feats, patches, args), **probe_metrics(nct_feats, nct, args)}
+    t.append(time.perf_counter())
+    metrics["seg_dice"] = seg_metric(name, spec, task.root, args)
+    t.append(time.perf_counter())
+    row = {"encoder": spec, "weights_sha256": enc.info.get("sha256"), "metrics": metrics,
+           "pretrain_s": round(train_s, 1), "embed_s": round(t[1] - t[0], 1),
+           "probe_s": round(t[2] - t[1], 1), "seg_s": round(t[3] - t[2], 1)}
+    log("   " + "  ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['low']:.3f}, {metrics[m]['high']:.3f}]"
+                          for m in METRICS))
+    return row
+
+
 def run_study(args) -> dict:
     import torch
 
-    from evaluation.embedding import embed_dataset, load_encoder
     from evaluation.segmentation.nuclei_task import build_nuclei_task
 
     torch.set_num_threads(args.threads)
@@ -283,28 +310,15 @@ def run_study(args) -> dict:
                              slide_region_size=512)
     task_s = time.perf_counter() - t_tile - tile_s
     rows: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     for name in args.encoders:
-        t0 = time.perf_counter()
-        if ENCODERS[name] is None:
-            spec, train_s = args.backbone, 0.0
-        else:
-            log(f"== pretraining {name} ({args.steps} steps, batch {args.batch}, {args.size} px, {args.backbone})")
-            spec = pretrain(name, args, h5_dir, len(patches))
-            train_s = time.perf_counter() - t0
-        t = [time.perf_counter()]
-        enc = load_encoder(spec, input_size=args.size)
-        slide_feats = embed_dataset(enc, patches, batch_size=64, num_workers=0, device="cpu", precision="fp32")
-        nct_feats = embed_dataset(enc, nct["images"], batch_size=64, num_workers=0, device="cpu", precision="fp32")
-        t.append(time.perf_counter())
-        metrics = {"spatial_precision": spatial_metric(slide_feats, patches, args), **probe_metrics(nct_feats, nct, args)}
-        t.append(time.perf_counter())
-        metrics["seg_dice"] = seg_metric(name, spec, task.root, args)
-        t.append(time.perf_counter())
-        rows[name] = {"encoder": spec, "weights_sha256": enc.info.get("sha256"), "metrics": metrics,
-                      "pretrain_s": round(train_s, 1), "embed_s": round(t[1] - t[0], 1),
-                      "probe_s": round(t[2] - t[1], 1), "seg_s": round(t[3] - t[2], 1)}
-        log("   " + "  ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['low']:.3f}, {metrics[m]['high']:.3f}]"
-                              for m in METRICS))
+        try:
+            rows[name] = evaluate_encoder(name, args, h5_dir, patches, nct, task)
+        except Exception as exc:  # one failing encoder must not lose the others' results
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            log(f"   FAILED {name}: {failed[name]} (see {args.out / 'pretrain' / name})")
+    if not rows:
+        raise RuntimeError(f"every encoder failed: {failed}")
     result = {
         "title": "sgcl reproduction study — small-scale CPU study (2 slides, 9 labelled tiles, derived nuclei labels)",
         "budget": {k: getattr(args, k) for k in ("backbone", "size", "batch", "steps", "lr", "seed")},
@@ -321,6 +335,7 @@ def run_study(args) -> dict:
                     f"TCGA slide mpp assumed {args.tcga_mpp} µm/px: {TCGA_MPP_REASON}"],
         "quick": bool(args.quick),
         "encoders": rows,
+        "failed": failed,
         "tiling_s": round(tile_s, 1), "nuclei_task_s": round(task_s, 1),
         "total_s": round(time.perf_counter() - t_all, 1),
     }
@@ -336,6 +351,8 @@ def markdown_table(result: dict) -> str:
         cells = [f"{row['metrics'][m]['value']:.3f} [{row['metrics'][m]['low']:.3f}, {row['metrics'][m]['high']:.3f}]"
                  for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['pretrain_s']:.1f} |")
+    for name, err in result.get("failed", {}).items():
+        lines.append(f"| {name} | FAILED: {err[:80]} | | | | |")
     first = next(iter(result["encoders"].values()))["metrics"]
     lines.append(f"\nChance: spatial retrieval {first['spatial_precision']['chance']:.3f} (k = "
                  f"{first['spatial_precision']['k']}), kNN/linear {1 / len(NCT_CLASSES):.3f}. 95 % bootstrap CIs.")
@@ -426,6 +443,9 @@ def main(argv=None) -> int:
     print(f"\n# {result['title']}{' [QUICK smoke run]' if args.quick else ''}\n")
     print(markdown_table(result))
     print(f"\nTotal {result['total_s']:.0f} s. Outputs: {args.out}/study.json, study.csv, study.png, study.md")
+    if result["failed"]:
+        print(f"study: {len(result['failed'])} encoder(s) failed: {sorted(result['failed'])}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -36,10 +36,16 @@ def test_quick_study_end_to_end(tmp_path):
                  ("patches", "nct-crc-he-samples"), ("images",)):
         shared_path(*part)
     study = _load_study()
+    real = list(study.ENCODERS)
+    # one broken setting must be reported, not stop the others (exit code 1, the rest written)
+    study.ENCODERS["broken"] = ["method.name=no_such_method"]
     out = tmp_path / "study"
-    assert study.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    assert study.main(["--quick", "--threads", "1", "--out", str(out), "--encoders", ",".join([*real[:2], "broken", *real[2:]])]) == 1
 
     result = json.loads((out / "study.json").read_text())
+    assert list(result["failed"]) == ["broken"] and "no_such_method" in result["failed"]["broken"]
+    assert "| broken | FAILED" in (out / "study.md").read_text()
+    del study.ENCODERS["broken"]
     rows = result["encoders"]
     assert sorted(rows) == sorted(study.ENCODERS)  # every encoder of the study
     for name, row in rows.items():

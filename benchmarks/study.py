@@ -371,7 +371,8 @@ def write_outputs(out: Path, result: dict) -> None:
                 w.writerow([name, *[f"{row['metrics'][m][s]:.4f}" for m in METRICS for s in ("value", "low", "high")],
                             row["pretrain_s"]])
     table = markdown_table(result)
-    atomic_write_text(out / "study.md", f"# {result['title']}\n\n{table}\n")
+    quick = " [QUICK smoke run: a pipeline check, not a result]" if result["quick"] else ""
+    atomic_write_text(out / "study.md", f"# {result['title']}{quick}\n\n{table}\n")
     _plot(out / "study.png", result)
 
 

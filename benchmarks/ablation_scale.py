@@ -81,7 +81,14 @@ def pretrain(name: str, args, h5_dir: Path, seed: int) -> Path:
     export = run / "export"
     if (export / "backbone.json").is_file():
         return export
-    common = [
+    common = common_overrides(args, h5_dir, run, seed)
+    _run([sys.executable, "-m", "sgcl.cli", "pretrain", *common, *SETTINGS[name]], run / "pretrain.log")
+    return export
+
+
+def common_overrides(args, h5_dir: Path, run: Path, seed: int) -> list[str]:
+    """Pretraining overrides shared by every setting (same backbone, budget and seed); also used by study.py."""
+    return [
         f"data.h5_dir={h5_dir}", f"data.batch_size={args.batch}", f"data.workers={args.workers}", "data.pin_memory=false",
         f"model.backbone={args.backbone}", "model.channels_last=false", f"method.name={args.method}",
         f"aug.global_size={args.size}", f"aug.local_size={max(16, args.size * 96 // 224)}",
@@ -90,8 +97,6 @@ def pretrain(name: str, args, h5_dir: Path, seed: int) -> Path:
         f"train.seed={seed}", f"train.device={args.device}", "train.progress=false", f"train.out_dir={run}",
         f"optim.lr={args.lr}",
     ]
-    _run([sys.executable, "-m", "sgcl.cli", "pretrain", *common, *SETTINGS[name]], run / "pretrain.log")
-    return export
 
 
 def finetune(name: str, encoder: str, args, task: Path, seed: int) -> dict:

@@ -35,7 +35,9 @@ def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def _savefig(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically and close it."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     _plt().close(fig)
@@ -57,7 +59,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | Path, tit
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix (row-normalised colour, counts)")
-    return _savefig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_per_class(scores: dict[str, np.ndarray], classes: Sequence[str], path: str | Path, title: str = "") -> Path:
@@ -71,7 +73,7 @@ def plot_per_class(scores: dict[str, np.ndarray], classes: Sequence[str], path: 
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title(title or "per-class scores")
-    return _savefig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def embed_2d(features, method: str = "pca", seed: int = 0) -> np.ndarray:
@@ -104,7 +106,7 @@ def plot_feature_map(xy: np.ndarray, colour_by: Sequence[str], path: str | Path,
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-    return _savefig(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def classification_report(out_dir: str | Path, name: str, y_true, y_pred, classes: Sequence[str],

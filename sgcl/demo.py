@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sgcl.config import add_config_arguments, config_from_args, to_dict
-from sgcl.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from sgcl.utils.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,20 +169,13 @@ def _load_features(folder: Path) -> dict:
     return {"features": np.concatenate(feats), "grid": np.concatenate(grids), "slide": np.concatenate(slides)}
 
 
-def _save_fig(fig, dest: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return dest.name
-
-
 def _plots(out: Path, curves: dict, results: dict, feats: dict) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from evaluation.reports import save_figure
 
     plots = {}
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -191,7 +184,7 @@ def _plots(out: Path, curves: dict, results: dict, feats: dict) -> dict[str, str
             steps, losses = zip(*pts)
             ax.plot(steps, losses, label=name)
     ax.set_xlabel("step"); ax.set_ylabel("training loss"); ax.set_title("Pretraining loss"); ax.legend()
-    plots["loss_curves"] = _save_fig(fig, out / "loss_curves.png")
+    plots["loss_curves"] = save_figure(fig, out / "loss_curves.png").name
 
     names = list(results["encoders"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -202,7 +195,7 @@ def _plots(out: Path, curves: dict, results: dict, feats: dict) -> dict[str, str
     ax.axhline(results["encoders"][names[0]]["chance"], color="k", ls="--", lw=1, label="chance")
     ax.set_ylabel(f"spatial retrieval precision@{results['encoders'][names[0]]['k']}")
     ax.set_title("Spatial retrieval (95% bootstrap CI)"); ax.legend()
-    plots["spatial_retrieval"] = _save_fig(fig, out / "spatial_retrieval.png")
+    plots["spatial_retrieval"] = save_figure(fig, out / "spatial_retrieval.png").name
 
     # features on the slide: first 3 principal components as RGB at each patch's grid cell
     fig, axes = plt.subplots(1, len(feats), figsize=(3.2 * len(feats), 4))
@@ -216,7 +209,7 @@ def _plots(out: Path, curves: dict, results: dict, feats: dict) -> dict[str, str
         canvas[g[:, 1], g[:, 0]] = pcs
         ax.imshow(canvas, interpolation="nearest"); ax.set_title(name); ax.axis("off")
     fig.suptitle("Feature PCA (RGB) on the patch grid")
-    plots["feature_maps"] = _save_fig(fig, out / "feature_maps.png")
+    plots["feature_maps"] = save_figure(fig, out / "feature_maps.png").name
     return plots
 
 

@@ -240,10 +240,13 @@ class SGCL(PretrainMethod):
             out["loss"] = loss
         return out
 
-    @torch.no_grad()
     def _spatial_term(self, pos_sim: torch.Tensor, pos_mask: torch.Tensor, neg_sim: torch.Tensor,
                       neg_mask: torch.Tensor, n: int, epoch: int, out: dict) -> torch.Tensor:
-        """λ·w(e)·L_sp (the multi-positive loss over spatial + semantic positives), logging its parts in ``out``."""
+        """λ·w(e)·L_sp (the multi-positive loss over spatial + semantic positives), logging its parts in ``out``.
+
+        The gradient flows into the query through ``pos_sim`` and ``neg_sim`` (the sets themselves
+        are built and mined under ``no_grad``; bank rows, queued keys and the key encoder's output
+        carry none)."""
         s, cfg = self.cfg.sgcl, self.cfg
         l_sp = multi_positive_nce(pos_sim, pos_mask, neg_sim, neg_mask, cfg.T_spatial, s.denominator, n)
         w = sigmoid_rampup(epoch, s.rampup_epochs)

@@ -145,3 +145,96 @@ def test_bad_arguments():
         stratified_group_sample(10, 4, mode="grid")
     with pytest.raises(ValueError, match="candidate"):
         stratified_group_sample(0, 4)
+
+
+# -- without replacement (the dense branch's mode): exactly min(n, M) distinct anchors ------------------
+def _no_rep(M, n, antithetic, mode, coords=None, extent=None, seed=0):
+    kw = dict(mode=mode, coords=coords, extent=extent, replacement=False)
+    d = stratified_group_draw(M, n, 4, antithetic, generator=torch.Generator().manual_seed(seed), **kw)
+    idx = stratified_group_sample(M, n, 4, antithetic, generator=torch.Generator().manual_seed(seed), **kw)
+    return d, idx
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("mode", ["virtual", "spatial"])
+def test_without_replacement_gives_min_n_m_distinct_candidates(mode, antithetic):
+    rng = np.random.default_rng(0)
+    for M, n in [(49, 32), (40, 32), (40, 64), (1000, 200), (170, 64), (12, 5), (3, 9), (37, 37), (900, 16)]:
+        side = int(math.ceil(math.sqrt(M)))
+        coords = _grid_coords(side, side)[torch.from_numpy(np.sort(rng.permutation(side * side)[:M]))]
+        d, idx = _no_rep(M, n, antithetic, mode, coords if mode == "spatial" else None, (side, side))
+        assert idx.numel() == min(n, M) and idx.unique().numel() == idx.numel(), (M, n)
+        assert int(idx.min()) >= 0 and int(idx.max()) < M
+        assert d.index.unique().numel() == d.index.numel() and bool((d.index < M).all())
+
+
+def test_without_replacement_virtual_quota_per_block_capped_at_its_candidates():
+    # M = 1000, n = 900: e = 32, blocks of 8 x 8, quota m = floor(900*1024/1000) // 16 = 57; indices
+    # 1000..1023 (row 31, columns 8..31) do not exist, so blocks 13, 14, 15 hold 56 candidates only
+    d, idx = _no_rep(1000, 900, False, "virtual")
+    assert d.kind == "grid" and d.quota.tolist() == [57] * 13 + [56] * 3
+    assert torch.equal(torch.bincount(d.stratum, minlength=16), d.quota)
+    rows, cols = d.index // 32, d.index % 32
+    assert torch.equal(rows // 8 * 4 + cols // 8, d.stratum)
+    assert bool(torch.isin(idx, d.index).all())  # 909 stratified draws, shuffled and cut to 900
+    d, idx = _no_rep(1000, 200, False, "virtual")  # 16 x 12 = 192 stratified draws, topped up to 200
+    assert d.quota.tolist() == [12] * 16 and bool(torch.isin(d.index, idx).all())
+    # a quota as large as a block: every candidate of the block is taken, once
+    d, _ = _no_rep(64, 64, False, "virtual")  # e = 8, blocks of 2 x 2, quota 4
+    assert torch.equal(torch.sort(d.index).values, torch.arange(64))
+
+
+def test_without_replacement_spatial_quota_proportional_and_within_cells():
+    coords = _grid_coords(30, 30)
+    keep = torch.rand(900, generator=torch.Generator().manual_seed(0)) < 0.7
+    c = coords[keep]
+    M = c.shape[0]
+    for n in (101, M, M + 50):
+        d, idx = _no_rep(M, n, True, "spatial", c, (30, 30), seed=5)
+        cell = torch.div(c, 7.5, rounding_mode="floor").long()
+        sid = cell[:, 0] * 4 + cell[:, 1]
+        counts = torch.bincount(sid, minlength=16)
+        exact = counts.double() * min(n, M) / M
+        assert bool(((d.quota >= torch.floor(exact)) & (d.quota <= torch.ceil(exact)) & (d.quota <= counts)).all())
+        assert torch.equal(torch.bincount(d.stratum, minlength=16), d.quota) and torch.equal(sid[d.index], d.stratum)
+        assert torch.equal(torch.sort(d.index).values, torch.sort(idx).values)  # quotas sum to min(n, M): no top-up
+
+
+@pytest.mark.parametrize("mode", ["virtual", "spatial"])
+def test_without_replacement_sag_pairs_nearest_unused_to_the_reflection(mode):
+    e = 32
+    coords = _grid_coords(e, e)
+    for n, seed in [(128, 6), (900, 7), (1024, 8)]:
+        d, _ = _no_rep(e * e, n, True, mode, coords, (e, e), seed)
+        paired = d.partner >= 0
+        assert torch.equal(d.partner[d.partner[paired]], paired.nonzero().flatten())  # pairing is mutual
+        assert torch.equal(d.stratum[paired], d.stratum[d.partner[paired]])
+        u, v = coords[d.index[paired]].double(), coords[d.index[d.partner[paired]]].double()
+        lo = torch.div(u, 8, rounding_mode="floor") * 8
+        target = 2 * lo + 7 - u  # point reflection through the centre of the 8 x 8 block/cell
+        gap = (v - target).norm(dim=1)
+        # the partner is the nearest unused candidate: no candidate left undrawn in the stratum is closer
+        undrawn = torch.ones(e * e, dtype=torch.bool)
+        undrawn[d.index] = False
+        for i in range(u.shape[0]):
+            same = undrawn & (torch.div(coords, 8, rounding_mode="floor") == lo[i].long() // 8).all(1)
+            if bool(same.any()):
+                assert float(gap[i]) <= float((coords[same].double() - target[i]).norm(dim=1).min()) + 1e-9
+        if n == 128:  # few draws: nearly every reflection is still unused, so it is the exact partner
+            assert float((gap == 0).double().mean()) > 0.9
+        if n == e * e:
+            assert torch.equal(torch.sort(d.index).values, torch.arange(e * e))
+
+
+@pytest.mark.parametrize("mode", ["virtual", "spatial"])
+def test_without_replacement_stays_unbiased_and_sag_beats_sg_on_monotone(mode):
+    e, n, draws = 16, 32, 300
+    coords = _grid_coords(e, e)
+    monotone = coords[:, 1].double() + 2 * coords[:, 0].double()
+    kw = dict(mode=mode, coords=coords if mode == "spatial" else None, extent=(e, e), replacement=False)
+    sg = _estimates(lambda gen: stratified_group_sample(e * e, n, 4, generator=gen, **kw), monotone, draws)
+    sag = _estimates(lambda gen: stratified_group_sample(e * e, n, 4, True, generator=gen, **kw), monotone, draws)
+    uni = _estimates(lambda gen: torch.randperm(e * e, generator=gen)[:n], monotone, draws)
+    se = uni.std() / math.sqrt(draws)
+    assert abs(sg.mean() - float(monotone.mean())) < 4 * se and abs(sag.mean() - float(monotone.mean())) < 4 * se
+    assert sag.var() < sg.var() <= uni.var()

@@ -15,7 +15,8 @@ Lifecycle, called by the trainer: ``on_train_start(meta)`` once (after moving to
 before DDP wrap), ``on_epoch_start(epoch)`` (k-means, broadcast), ``forward(batch, epoch, step)``
 -> dict with ``loss`` and every term as detached scalars for logging, ``on_after_step(out)``
 (bank/queue updates, momentum encoder), ``extra_state()`` / ``load_extra_state(state)`` for
-anything a resume must restore that is not a parameter or buffer.
+anything a resume must restore that is not a parameter or buffer, ``representation_rows()`` for
+the training-health diagnostics (``sgcl.train.health``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class PretrainMethod(nn.Module):
         pass
 
     def extra_state(self) -> dict:
+        return {}
+
+    def representation_rows(self) -> dict[str, torch.Tensor]:
+        """Rows whose spread the trainer logs (``sgcl.train.health``): the bank or queue rows and
+        recent backbone features, by name. Empty by default."""
         return {}
 
     def load_extra_state(self, state: dict) -> None:  # noqa: B027

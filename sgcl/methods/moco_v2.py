@@ -15,6 +15,7 @@ from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
 from sgcl.methods.config import MethodConfig
+from sgcl.train.health import RecentRows
 
 
 class MoCoV2(PretrainMethod):
@@ -27,6 +28,7 @@ class MoCoV2(PretrainMethod):
         self.key_encoder = MomentumEncoder(backbone, self.head, cfg.moco.momentum)
         self.queue = FeatureQueue(cfg.moco.queue_size, cfg.proj_dim, seed=cfg.seed)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.recent = RecentRows()
 
     def on_train_start(self, meta: DatasetMeta) -> None:
         self.key_encoder.reset(self.backbone, self.head)
@@ -35,16 +37,25 @@ class MoCoV2(PretrainMethod):
 
     def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
         x_q, x_k = batch["views"][0], batch["views"][1]
-        q = F.normalize(self.head(self.backbone(x_q)).float(), dim=1)
+        h = self.backbone(x_q)
+        q = F.normalize(self.head(h).float(), dim=1)
         k, _ = self.key_encoder(x_k, shuffle_bn=self.cfg.moco.shuffle_bn, generator=step_generator(self.cfg.seed, step, 11))
         with autocast_off(q.device):
             loss = info_nce(q, k, self.queue.keys.detach(), self.cfg.tau_head)
         if self.training:
             self._pending.append((k.detach(), batch["index"].detach()))
+            self.recent.add("backbone", h)
         with torch.no_grad():
             pos = (q * k).sum(1).mean()
             neg = (q @ self.queue.keys[:1024].float().t()).mean()  # a sample of the queue: logging only
         return {"loss": loss, "loss_instance": loss.detach(), "pos_sim": pos, "neg_sim": neg}
+
+    def representation_rows(self) -> dict[str, torch.Tensor]:
+        rows = {"queue": self.queue.keys[self.queue.valid()]}
+        recent = self.recent.get("backbone")
+        if recent is not None:
+            rows["backbone"] = recent
+        return rows
 
     @torch.no_grad()
     def on_after_step(self, out: dict[str, torch.Tensor]) -> None:

@@ -43,6 +43,7 @@ from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
 from sgcl.methods.config import MethodConfig
 from sgcl.mining import mine_negatives
+from sgcl.train.health import RecentRows
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class SGCL(PretrainMethod):
         self.spatial: SpatialIndex | None = None
         self.num_patches = 0
         self._pending: list[dict[str, torch.Tensor]] = []
+        self.recent = RecentRows()  # recent patch indices and backbone features (health diagnostics)
         self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
 
     # ------------------------------------------------------------------ setup
@@ -237,6 +239,8 @@ class SGCL(PretrainMethod):
                 out["loss_mcrop"] = l_m.detach()
             if self.training:
                 self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
+                self.recent.add("index", idx.unsqueeze(1))
+                self.recent.add("backbone", hb)
             out["loss"] = loss
         return out
 
@@ -381,6 +385,7 @@ class SGCL(PretrainMethod):
                 out["loss_mcrop"] = l_m.detach()
             if self.training:
                 self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
+                self.recent.add("backbone", hb)
             out["loss"] = loss
         return out
 
@@ -427,6 +432,22 @@ class SGCL(PretrainMethod):
             "fallback_frac": fallback.float().mean(),
         }
         return mask, fallback, diag
+
+    def representation_rows(self) -> dict[str, torch.Tensor]:
+        """Queue mode: the filled queue slots; memory mode: the bank rows of recently visited
+        patches (rows never visited still hold their random initialisation); plus recent
+        backbone features."""
+        rows: dict[str, torch.Tensor] = {}
+        if self.queue_mode:
+            rows["queue"] = self.queue.keys[self.queue.valid()]
+        else:
+            seen = self.recent.get("index")
+            if seen is not None:
+                rows["bank"] = self.bank.rows(torch.unique(seen.long().flatten()))
+        recent = self.recent.get("backbone")
+        if recent is not None:
+            rows["backbone"] = recent
+        return rows
 
     # ------------------------------------------------------------ after step
     @torch.no_grad()

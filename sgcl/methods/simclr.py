@@ -11,6 +11,7 @@ from sgcl.losses.info_nce import nt_xent
 from sgcl.methods.base import PretrainMethod
 from sgcl.methods.common import autocast_off, make_head, num_features
 from sgcl.methods.config import MethodConfig
+from sgcl.train.health import RecentRows
 
 
 class SimCLR(PretrainMethod):
@@ -20,11 +21,16 @@ class SimCLR(PretrainMethod):
         super().__init__(backbone)
         self.cfg = cfg
         self.head = make_head(cfg, num_features(backbone))
+        self.recent = RecentRows()
 
     def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
         x1, x2 = batch["views"][0], batch["views"][1]
         b = x1.shape[0]
-        z = F.normalize(self.head(self.backbone(torch.cat([x1, x2]))).float(), dim=1)
+        h = self.backbone(torch.cat([x1, x2]))
+        z = F.normalize(self.head(h).float(), dim=1)
+        if self.training:
+            self.recent.add("embedding", z[:b])
+            self.recent.add("backbone", h[:b])
         z1, z2 = z[:b], z[b:]
         a1, a2 = gather_with_grad(z1), gather_with_grad(z2)
         n = a1.shape[0]
@@ -37,3 +43,6 @@ class SimCLR(PretrainMethod):
         with torch.no_grad():
             pos = (z1 * z2).sum(1).mean()
         return {"loss": loss, "loss_instance": loss.detach(), "pos_sim": pos}
+
+    def representation_rows(self) -> dict[str, torch.Tensor]:
+        return {name: rows for name in self.recent.names() if (rows := self.recent.get(name)) is not None}

@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 1000              # optimiser steps between checkpoints (and one at each epoch end)
     log_every: int = 10
+    health_every: int = 50              # steps between representation-spread diagnostics (0 = off; sgcl/train/health.py)
     out_dir: str = "outputs/pretrain"
     resume: Optional[str] = None        # a checkpoint path; None = auto-resume from out_dir/checkpoints/last.pt
     auto_resume: bool = True

@@ -32,6 +32,7 @@ from sgcl.methods.base import PretrainMethod
 from sgcl.models.backbone import create_backbone, export_backbone
 from sgcl.train.checkpoint import LAST_NAME, capture_rng, find_resume, load_checkpoint, restore_rng, save_checkpoint
 from sgcl.train.config import PretrainConfig
+from sgcl.train.health import hard_negative_note, representation_spread, verdict
 from sgcl.train.logging import MetricLogger
 from sgcl.train.optim import build_optimizer, param_groups
 from sgcl.train.schedule import scaled_lr, set_lr, warmup_cosine
@@ -94,9 +95,15 @@ def photometric_params(aug) -> PhotometricParams:
                              p_blur=aug.p_blur)
 
 
-def build_sample_transform(aug, num_views: int, needs_local: bool) -> SampleTransform:
-    """The per-sample transform of the config's ``aug`` section for a method's view needs."""
-    photometric = None if aug.gpu else PhotometricAugment(photometric_params(aug))
+def build_sample_transform(aug, num_views: int, needs_local: bool, dense=None) -> SampleTransform:
+    """The per-sample transform of the config's ``aug`` section for a method's view needs. ``dense``:
+    the ``method.dense`` section (``DenseConfig``); with ``sampler: igu`` the global views carry their
+    entropy maps and get IGU-Aug's adaptive jitter (``sgcl.methods.dense.build_info_guide``)."""
+    from sgcl.methods.dense import build_info_guide
+
+    guide = build_info_guide(dense, aug.gpu)
+    regional = guide if guide is not None and guide.jitter is not None else None
+    photometric = None if aug.gpu else PhotometricAugment(photometric_params(aug), regional)
     window = dataclasses.asdict(aug.small_window)
     policy = build_crop_policy(aug.crop, aug.global_size, tuple(aug.global_scale), **(window if aug.crop == "small_window" else {}))
     builder = ViewBuilder(policy, photometric, hflip_p=aug.hflip, rotate90=aug.rotate90)
@@ -107,7 +114,7 @@ def build_sample_transform(aug, num_views: int, needs_local: bool) -> SampleTran
         else:
             local_policy = RandomResizedCropPolicy(aug.local_size, scale=tuple(aug.local_scale))
         multicrop = QuadrantMultiCrop(ViewBuilder(local_policy, photometric, hflip_p=aug.hflip, rotate90=aug.rotate90))
-    return SampleTransform(builder, num_views=num_views, multicrop=multicrop, normalize=not aug.gpu)
+    return SampleTransform(builder, num_views=num_views, multicrop=multicrop, normalize=not aug.gpu, guide=guide)
 
 
 def default_method_builder(cfg: PretrainConfig, backbone: nn.Module) -> PretrainMethod:
@@ -126,6 +133,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device, self.dist)
         self.global_step = 0
         self.history: deque[dict] = deque(maxlen=100_000)  # recent steps' rows (rank 0), returned by fit()
+        self.health: dict[str, dict] = {}  # last representation spread per row set, with its verdict
 
     # -- construction ---------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -145,7 +153,7 @@ class Trainer:
 
         backbone = create_backbone(cfg.model.backbone)
         method = self.method_builder(cfg, backbone)
-        transform = build_sample_transform(cfg.aug, method.num_views, method.needs_local)
+        transform = build_sample_transform(cfg.aug, method.num_views, method.needs_local, cfg.method.dense)
         self.dataset = PatchDataset(sources, transform, cache_files=cfg.data.cache_files, seed=cfg.train.seed,
                                     skip_bad=cfg.data.skip_bad_files)
         for path, why in self.dataset.bad_files:
@@ -372,9 +380,12 @@ class Trainer:
                 row = {"step": self.global_step, "epoch": epoch, **terms_acc, "lr": lr,
                        "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
                 terms_acc = {}
-                log_now = self.global_step % cfg.train.log_every == 0 or self.global_step == 1
+                health_now = cfg.train.health_every > 0 and (self.global_step % cfg.train.health_every == 0 or self.global_step == stop_at)
+                log_now = self.global_step % cfg.train.log_every == 0 or self.global_step == 1 or health_now
                 if log_now and self.dist.world_size > 1:
                     row.update(self._mean_over_ranks({k: v for k, v in row.items() if k not in ("step", "epoch", "lr", "img_per_s")}))
+                if health_now and self.dist.is_main:  # rank 0's own rows (no collective)
+                    row.update(self._check_health(row))
                 if self.dist.is_main:
                     self.history.append(row)
                     if log_now:
@@ -395,9 +406,30 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.logger.close()
+        if self.dist.is_main and self.health:
+            atomic_write_json(self.out_dir / "health.json", {"step": self.global_step, "rows": self.health})
         if self.global_step >= self.total_steps and cfg.train.export:
             self.export()
         return list(self.history)
+
+    def _check_health(self, row: dict) -> dict[str, float]:
+        """Spread of the method's bank/queue rows and recent backbone features (logged as
+        ``health/<rows>_<metric>``); warns when a verdict appears or changes."""
+        out: dict[str, float] = {}
+        for name, rows in self.method.representation_rows().items():
+            if rows.shape[0] < 2:
+                continue
+            spread = representation_spread(rows)
+            for key in ("mean_cos", "dim_std", "eff_rank"):
+                out[f"health/{name}_{key}"] = spread[key]
+            message = verdict(spread)
+            if name in ("bank", "queue") and message is None and "pos_sim" in row and "neg_sim" in row:
+                message = hard_negative_note(float(row["pos_sim"]), float(row["neg_sim"]), spread["mean_cos"])
+            previous = self.health.get(name, {}).get("verdict")
+            if message and message != previous:
+                self._log(f"step {self.global_step}: {name} rows: {message}")
+            self.health[name] = {**spread, "verdict": message, "step": self.global_step}
+        return out
 
     # -- export ---------------------------------------------------------------------------------
     def export(self) -> Path | None:

@@ -158,6 +158,11 @@ def test_dense_loss_decreases_when_training_a_tiny_model():
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
+def _ramp_entropy(n: int, side: int) -> torch.Tensor:
+    """(n, side, side) entropy maps rising from left to right (stand-in for batch['entropy'])."""
+    return torch.linspace(0.5, 6.0, side).expand(n, side, side).clone()
+
+
 @pytest.mark.parametrize(
     "sampler,mode", [("uniform", "spatial"), ("arco_sg", "virtual"), ("arco_sg", "spatial"), ("arco_sag", "virtual"), ("arco_sag", "spatial"), ("igu", "spatial")]
 )
@@ -165,34 +170,113 @@ def test_every_anchor_sampler_yields_valid_pairs(sampler, mode):
     torch.manual_seed(1)
     rng = np.random.default_rng(1)
     (xa, xb), (ga, gb) = _views(_textured_batch(rng, 2), rng)
-    cfg = DenseConfig(enabled=True, sampler=sampler, arco_mode=mode, n_anchors=16, weight=0.5, hidden_dim=32, out_dim=16,
-                      image_mean=[0.45] * 3, image_std=[0.25] * 3)
+    cfg = DenseConfig(enabled=True, sampler=sampler, arco_mode=mode, n_anchors=16, weight=0.5, hidden_dim=32, out_dim=16)
     branch = DenseBranch(32, cfg)
     net = TinyNet()
     fa, fb = feature_map(net, xa), feature_map(net, xb)
-    out = branch.loss(fa, fb, ga, gb, images_a=xa)
+    entropy = _ramp_entropy(2, xa.shape[-1])
+    out = branch.loss(fa, fb, ga, gb, entropy_a=entropy)
     assert 2 <= float(out["dense_pairs"]) <= 32
     assert float(out["loss"].detach()) == pytest.approx(0.5 * float(out["loss_dense"]))
     out["loss"].backward()
     assert net.body[0].weight.grad is not None
-    _, _, valid = correspondence(ga, gb, fa.shape[-2:], fb.shape[-2:])
-    anchors = branch.choose_anchors(valid[0].nonzero().flatten(), tuple(fa.shape[-2:]),
-                                    branch._entropy_cells(xa[0], tuple(fa.shape[-2:])) if sampler == "igu" else None)
-    assert bool(valid[0, anchors].all()) and anchors.unique().numel() == anchors.numel()
+    _, idx_b, valid = correspondence(ga, gb, fa.shape[-2:], fb.shape[-2:])
+    img, a, b = branch.pairs(ga, gb, tuple(fa.shape[-2:]), tuple(fb.shape[-2:]), entropy)
+    assert bool(valid[img, a].all()) and torch.equal(idx_b[img, a], b)
+    for i in range(2):  # distinct anchors, distinct B cells, exactly min(n_anchors, #B cells seen) of them
+        seen = idx_b[i, valid[i]].unique().numel()
+        assert a[img == i].unique().numel() == b[img == i].unique().numel() == (img == i).sum() == min(16, seen)
 
 
-def test_igu_without_images_is_a_clear_error_and_disjoint_views_give_zero():
+def test_igu_without_entropy_is_a_clear_error_and_disjoint_views_give_zero():
     net = TinyNet()
     x = torch.randn(1, 3, 32, 32)
     g = torch.tensor(ViewGeometry(0, 0, 32, 32, 32, 32).to_array())[None]
-    with pytest.raises(ValueError, match="images_a"):
+    with pytest.raises(ValueError, match=r"entropy map .*batch\['entropy'\].*build_sample_transform"):
         DenseBranch(32, DenseConfig(sampler="igu")).loss(feature_map(net, x), feature_map(net, x), g, g)
     far = torch.tensor(ViewGeometry(90, 90, 32, 32, 32, 32).to_array())[None]
     out = DenseBranch(32, DenseConfig()).loss(feature_map(net, x), feature_map(net, x), g, far)
     assert float(out["loss"].detach()) == 0.0 and float(out["dense_pairs"]) == 0
-    out["loss"].backward()  # still connected to the graph (DDP needs every parameter used)
+    out["loss"].backward()  # still connected to the graph (DDP) with an exact zero
     with pytest.raises(ValueError, match="n_anchors"):
         DenseConfig(n_anchors=1)
+
+
+# -- one anchor per B cell; pair ids never negatives of each other -------------------------------------
+def brute_force_pixel_nce(za: torch.Tensor, zb: torch.Tensor, ids: list, temperature: float) -> float:
+    """Symmetric InfoNCE by explicit loops: row r of [za; zb] has its partner as positive and as
+    negatives every other row whose pair id differs from r's."""
+    z = [v / v.norm() for v in torch.cat([za, zb]).double()]
+    n = za.shape[0]
+    total = 0.0
+    for r in range(2 * n):
+        pos = r + n if r < n else r - n
+        num = math.exp(float(z[r] @ z[pos]) / temperature)
+        den = num + sum(math.exp(float(z[r] @ z[s]) / temperature) for s in range(2 * n)
+                        if s not in (r, pos) and ids[s % n] != ids[r % n])
+        total -= math.log(num / den)
+    return total / (2 * n)
+
+
+def test_pixel_info_nce_pair_ids_mask_shared_cells_and_default_is_unchanged():
+    torch.manual_seed(3)
+    za, zb = torch.randn(9, 6), torch.randn(9, 6)
+    zb[4] = zb[1]  # two anchors see the same B cell: identical B rows
+    ids = [0, 1, 2, 3, 1, 4, 5, 6, 7]
+    got = float(pixel_info_nce(za, zb, 0.2, ids=torch.tensor(ids)))
+    assert got == pytest.approx(brute_force_pixel_nce(za, zb, ids, 0.2), rel=1e-5)
+    plain = float(pixel_info_nce(za, zb, 0.2))
+    assert plain == pytest.approx(brute_force_pixel_nce(za, zb, list(range(9)), 0.2), rel=1e-5)
+    assert plain == pytest.approx(float(pixel_info_nce(za, zb, 0.2, ids=torch.arange(9))), rel=1e-6)
+    with pytest.raises(ValueError, match="ids"):
+        pixel_info_nce(za, zb, ids=torch.arange(4))
+
+
+def _expected_anchors(ga: ViewGeometry, gb: ViewGeometry, cells: int) -> dict[int, int]:
+    """Brute force for axis-aligned views (B may be flipped): {B cell: A cell} keeping, per B cell,
+    the A cell whose source point is nearest that B cell's centre (ties: lowest A index)."""
+    best: dict[int, tuple[float, int]] = {}
+    sa, sb = ga.w / cells, gb.w / cells  # source px per feature cell
+    for r in range(cells):
+        for c in range(cells):
+            x, y = ga.x0 + (c + 0.5) * sa, ga.y0 + (r + 0.5) * sa
+            cb, rb = math.floor((x - gb.x0) / sb), math.floor((y - gb.y0) / sb)
+            if not (0 <= cb < cells and 0 <= rb < cells):
+                continue
+            d = (x - (gb.x0 + (cb + 0.5) * sb)) ** 2 + (y - (gb.y0 + (rb + 0.5) * sb)) ** 2
+            key = rb * cells + (cells - 1 - cb if gb.hflip else cb)
+            if key not in best or d < best[key][0]:
+                best[key] = (d, r * cells + c)
+    return {k: v for k, (_, v) in best.items()}
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "arco_sg", "arco_sag", "igu"])
+def test_zoomed_out_view_b_keeps_one_anchor_per_b_cell_and_the_loss_matches_brute_force(sampler):
+    torch.manual_seed(0)
+    # A: a 64-px window; B: the whole 128-px patch at the same output size (zoomed out 2x), so every
+    # B cell of the overlap sees 4 A cells. 8 x 8 feature maps on both.
+    ga = [ViewGeometry(30, 27, 64, 64, 64, 64), ViewGeometry(11, 50, 64, 64, 64, 64)]
+    gb = [ViewGeometry(0, 0, 128, 128, 64, 64, True), ViewGeometry(3, 5, 120, 120, 64, 64)]
+    ta = torch.tensor(np.stack([g.to_array() for g in ga]))
+    tb = torch.tensor(np.stack([g.to_array() for g in gb]))
+    fa, fb = torch.randn(2, 16, 8, 8, requires_grad=True), torch.randn(2, 16, 8, 8, requires_grad=True)
+    cfg = DenseConfig(enabled=True, sampler=sampler, n_anchors=64, hidden_dim=32, out_dim=8, temperature=0.2)
+    branch = DenseBranch(16, cfg)
+    img, a, b = branch.pairs(ta, tb, (8, 8), (8, 8), _ramp_entropy(2, 64))
+    _, idx_b, valid = correspondence(ta, tb, (8, 8), (8, 8))
+    for i in range(2):
+        expected = _expected_anchors(ga[i], gb[i], 8)
+        assert int(valid[i].sum()) >= 2 * len(expected) >= 2 * 16  # 2-4 A cells share each B cell
+        assert dict(zip(b[img == i].tolist(), a[img == i].tolist())) == expected
+    # no anchor's negatives include its own positive cell: every (image, B cell) is used once
+    assert torch.unique(img * 64 + b).numel() == img.numel()
+    out = branch.loss(fa, fb, ta, tb, entropy_a=_ramp_entropy(2, 64))
+    za, zb = branch.head(fa).flatten(2), branch.head(fb).flatten(2)
+    rows_a = torch.stack([za[i, :, j] for i, j in zip(img.tolist(), a.tolist())])
+    rows_b = torch.stack([zb[i, :, j] for i, j in zip(img.tolist(), b.tolist())])
+    ids = [(i, j) for i, j in zip(img.tolist(), b.tolist())]
+    assert float(out["loss_dense"]) == pytest.approx(brute_force_pixel_nce(rows_a.detach(), rows_b.detach(), ids, 0.2), rel=1e-5)
+    assert float(out["dense_pairs"]) == img.numel()
 
 
 def test_feature_map_of_timm_cnn_and_vit():

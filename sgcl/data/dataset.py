@@ -246,21 +246,28 @@ class PatchDataset(Dataset):
 
 class SampleTransform:
     """Patch -> the per-sample part of the batch contract: ``views`` (``num_views`` global views),
-    ``geoms``, and ``local`` (4 quadrant crops) when ``multicrop`` is given.
+    ``geoms``, ``local`` (4 quadrant crops) when ``multicrop`` is given, and ``entropy`` (each global
+    view's IIE map, float32 (h, w)) when ``guide`` (an ``InfoGuide``, IGU-Aug) is given.
 
+    The guide is computed once per patch from its un-augmented pixels (cached) and rendered through
+    each global view's geometry; its adaptive jitter, if any, acts in the builder's photometric.
     ``normalize=False`` keeps uint8 tensors for the GPU augmentation path (``transforms/gpu.py``).
     """
 
-    def __init__(self, builder, num_views: int = 2, multicrop=None, normalize: bool = True):
+    def __init__(self, builder, num_views: int = 2, multicrop=None, normalize: bool = True, guide=None):
         self.builder = builder
         self.num_views = num_views
         self.multicrop = multicrop
         self.normalize = normalize
+        self.guide = guide
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict:
-        views = self.builder.views(img, rng, self.num_views)
-        out = {"views": [to_tensor(v, normalize=self.normalize) for v, _ in views],
-               "geoms": [torch.from_numpy(g.to_array()) for _, g in views]}
+        guide = None if self.guide is None else self.guide(img)
+        views = self.builder.guided_views(img, rng, self.num_views, guide)
+        out = {"views": [to_tensor(v, normalize=self.normalize) for v, _, _ in views],
+               "geoms": [torch.from_numpy(g.to_array()) for _, g, _ in views]}
+        if guide is not None:
+            out["entropy"] = [torch.from_numpy(self.guide.entropy_of(gv)) for _, _, gv in views]
         if self.multicrop is not None:
             local = self.multicrop(img, rng)
             out["local"] = torch.stack([to_tensor(v, normalize=self.normalize) for v, _ in local])
@@ -270,7 +277,8 @@ class SampleTransform:
 
 def collate(items: Iterable[dict]) -> dict:
     """Batch dict of the contract: ``views`` list of (B,3,H,W), ``local`` (4B,3,h,w) ordered
-    [tl(B), tr(B), bl(B), br(B)], ``geoms`` list of (B, 8), ``index``/``slide`` (B,), ``grid`` (B, 2)."""
+    [tl(B), tr(B), bl(B), br(B)], ``geoms`` list of (B, 8), ``entropy`` list of (B, H, W) (IGU-Aug),
+    ``index``/``slide`` (B,), ``grid`` (B, 2)."""
     items = list(items)
     batch: dict = {
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
@@ -281,6 +289,8 @@ def collate(items: Iterable[dict]) -> dict:
         nv = len(items[0]["views"])
         batch["views"] = [torch.stack([it["views"][v] for it in items]) for v in range(nv)]
         batch["geoms"] = [torch.stack([it["geoms"][v] for it in items]) for v in range(nv)]
+    if "entropy" in items[0]:
+        batch["entropy"] = [torch.stack([it["entropy"][v] for it in items]) for v in range(len(items[0]["entropy"]))]
     if "local" in items[0]:
         local = torch.stack([it["local"] for it in items])  # (B, 4, 3, h, w)
         batch["local"] = local.transpose(0, 1).reshape(-1, *local.shape[2:])

@@ -7,6 +7,7 @@ Batch contract (a dict of tensors; the data pipeline produces it, the method con
 | ``views``  | list of (B, 3, H, W)   | global views, ``views[0]`` always present, ``views[1]`` for two-view methods |
 | ``local``  | (4B, 3, h, w)          | SGCL quadrant crops ordered [tl(B), tr(B), bl(B), br(B)] (optional) |
 | ``geoms``  | list of (B, 8) float   | per global view, its geometry (see ``sgcl.transforms.base.ViewGeometry``) |
+| ``entropy`` | list of (B, H, W) float | per global view, its IGU entropy map (only with ``dense.sampler: igu``; computed once per patch on the un-augmented pixels and rendered through the view's geometry) |
 | ``index``  | (B,) int64             | global patch index in the dataset (0..N-1)                      |
 | ``slide``  | (B,) int64             | slide index (0..S-1)                                           |
 | ``grid``   | (B, 2) int64           | (column, row) on the slide's patch grid                        |

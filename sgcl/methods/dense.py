@@ -6,58 +6,68 @@ view B that see the same source pixels as view A's cells (from the two ``ViewGeo
 :func:`sgcl.transforms.geometry.correspondence`), chooses anchor cells of view A among those with
 a partner, and applies the pixel InfoNCE (:func:`sgcl.losses.pixel_info_nce.pixel_info_nce`).
 
-Anchor samplers (``DenseConfig.sampler``), per image, over the cells with a valid partner:
+Candidates: the cells of view A with a partner in view B, one per B cell (when several A cells
+fall in one B cell, e.g. B zoomed out, the one whose source point is nearest that B cell's centre),
+so an anchor's negatives never include its own positive cell; the pixel InfoNCE also gets the
+``(image, B cell)`` id of every pair and never uses rows with equal ids as each other's negatives.
 
-- ``uniform``: uniform without replacement;
-- ``arco_sg`` / ``arco_sag``: ARCO stratified (antithetic) group sampling, ``arco_mode``
-  ``virtual`` (reference-code index strata) or ``spatial`` (g × g cells of the feature map);
-- ``igu``: IGU-Aug, probability ∝ ``H^α`` (or ``1[H ≥ d]``) of the view image's entropy map,
-  averaged over each feature cell (needs ``images_a``).
+Anchor samplers (``DenseConfig.sampler``), per image, all without replacement, so each returns
+exactly ``min(n_anchors, candidates)`` distinct anchors (samplers compare at equal anchor counts):
 
-Repeated draws (SG/SAG sample with replacement) are merged, so an anchor is never its own negative.
+- ``uniform``: uniform;
+- ``arco_sg`` / ``arco_sag``: ARCO stratified (antithetic) group sampling
+  (``stratified_group_sample(..., replacement=False)``), ``arco_mode`` ``virtual`` (reference-code
+  index strata) or ``spatial`` (g × g cells of the feature map);
+- ``igu``: IGU-Aug, probability ∝ ``H^α`` (or ``1[H ≥ d]``) of view A's entropy map averaged over
+  each feature cell. The map comes with the batch (``batch["entropy"]``): the data pipeline
+  computes it once per patch on the un-augmented pixels and renders it through each view's
+  geometry (``build_info_guide``, ``sgcl.sampling.info_guided.InfoGuide``), where IGU-Aug's
+  adaptive jitter also acts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgcl.config import ConfigError
 from sgcl.losses.pixel_info_nce import pixel_info_nce
 from sgcl.methods.base import PretrainMethod
 from sgcl.models.heads import DenseProjectionHead
-from sgcl.sampling.info_guided import entropy_map, sampling_weights
+from sgcl.sampling.info_guided import HE_CATEGORY_THRESHOLDS, AdaptiveJitter, InfoGuide, PatchEntropy, sampling_weights
 from sgcl.sampling.stratified import stratified_group_sample
-from sgcl.transforms.geometry import correspondence
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from sgcl.transforms.geometry import cell_centres, correspondence, view_to_source
 
 
 @dataclass
 class DenseConfig:
     """Options of the dense branch (the ``dense:`` section of a pretraining config)."""
 
-    enabled: bool = False
-    weight: float = 1.0
-    sampler: Literal["uniform", "arco_sg", "arco_sag", "igu"] = "uniform"
-    arco_mode: Literal["virtual", "spatial"] = "spatial"
-    groups: int = 4
-    n_anchors: int = 64
+    enabled: bool = False       # add the pixel-level InfoNCE between the two global views to the method's loss
+    weight: float = 1.0         # total loss = method loss + weight * dense loss
+    sampler: Literal["uniform", "arco_sg", "arco_sag", "igu"] = "uniform"  # anchor cells per image, all without replacement: min(n_anchors, candidates) each
+    arco_mode: Literal["virtual", "spatial"] = "spatial"  # ARCO strata: g x g cells of the feature map, or the reference code's virtual index grid
+    groups: int = 4             # ARCO g (g² strata)
+    n_anchors: int = 64         # anchor cells per image, among the cells both views see (one per cell of view B)
     temperature: float = 0.2
-    hidden_dim: int = 512
+    hidden_dim: int = 512       # dense projection head (1x1 convs)
     out_dim: int = 128
-    igu_method: Literal["rank_disk", "box_hist"] = "rank_disk"
-    igu_grey: Literal["haematoxylin", "luminance"] = "haematoxylin"
-    igu_alpha: float = 0.3
-    igu_threshold: float | None = None
+    igu_method: Literal["rank_disk", "box_hist"] = "rank_disk"  # IGU entropy map: disk of radius igu_radius (bits) | igu_box² box histogram (nats); computed once per patch in the loader
+    igu_grey: Literal["haematoxylin", "luminance"] = "haematoxylin"  # grey channel of the entropy map
+    igu_alpha: float = 0.3      # anchor probability ∝ H^alpha of the cell's mean entropy
+    igu_threshold: float | None = None  # set: probability ∝ 1[H >= threshold] instead of H^alpha
     igu_radius: int = 10
     igu_box: int = 64
-    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    igu_cache: int = 1024       # entropy maps kept per loader worker (LRU, float16: ~100 KB per 224-px patch); 0 = no cache
+    igu_adaptive_jitter: bool = True  # sampler igu: per-region brightness/contrast of IGU-Aug on the global views (CPU pipeline, aug.gpu=false); replaces aug.brightness/aug.contrast there
+    igu_category_mode: Literal["absolute", "percentile"] = "absolute"  # entropy categories low/medium/high: fixed thresholds, or each patch's own percentiles
+    igu_category_thresholds: tuple[float, float] | None = None  # absolute mode, in the map's units; None = the H&E default of igu_method/igu_grey (rank_disk+haematoxylin: 4.4, 5.4 bits)
+    igu_category_percentiles: tuple[float, float] = (30.0, 70.0)  # percentile mode: per-patch percentiles of its entropy map
+    igu_jitter_smooth: float = 4.0  # Gaussian sigma (view px) smoothing the per-pixel factor maps: no hard seams between regions
     seed: int = 0               # anchor draws are seeded from (seed, step): identical across ranks and resumes
 
     def __post_init__(self) -> None:
@@ -67,6 +77,34 @@ class DenseConfig:
             raise ValueError(f"dense.temperature={self.temperature} must be > 0 (typical 0.1-0.2)")
         if self.groups < 1:
             raise ValueError(f"dense.groups={self.groups} must be >= 1")
+        lo, hi = self.category_thresholds
+        if not lo <= hi:
+            raise ValueError(f"dense.igu_category_thresholds={[lo, hi]} must be increasing (low <= high)")
+        plo, phi = self.igu_category_percentiles
+        if not 0 <= plo <= phi <= 100:
+            raise ValueError(f"dense.igu_category_percentiles={[plo, phi]} must be increasing within [0, 100]")
+        if self.igu_jitter_smooth < 0 or self.igu_cache < 0:
+            raise ValueError("dense.igu_jitter_smooth and dense.igu_cache must be >= 0")
+
+    @property
+    def category_thresholds(self) -> tuple[float, float]:
+        """The absolute IGU category thresholds in effect (``igu_category_thresholds`` or the H&E default)."""
+        return tuple(self.igu_category_thresholds or HE_CATEGORY_THRESHOLDS[(self.igu_method, self.igu_grey)])
+
+
+def build_info_guide(cfg: DenseConfig | None, gpu_aug: bool = False) -> InfoGuide | None:
+    """The data pipeline's IGU-Aug guide for ``cfg``: ``None`` unless the dense branch samples with
+    ``igu`` (no entropy map is computed otherwise); with the adaptive jitter on, the CPU pipeline only."""
+    if cfg is None or not cfg.enabled or cfg.sampler != "igu":
+        return None
+    if cfg.igu_adaptive_jitter and gpu_aug:
+        raise ConfigError("method.dense.igu_adaptive_jitter=true applies IGU-Aug's per-region brightness/contrast in the CPU "
+                          "data pipeline and cannot run with aug.gpu=true: set aug.gpu=false, or method.dense.igu_adaptive_jitter=false "
+                          "(IGU anchor sampling still works; brightness/contrast then come from aug.brightness/aug.contrast)")
+    entropy = PatchEntropy(cfg.igu_method, cfg.igu_grey, cfg.igu_radius, cfg.igu_box, cfg.igu_cache)
+    jitter = AdaptiveJitter() if cfg.igu_adaptive_jitter else None
+    return InfoGuide(entropy, jitter, cfg.igu_category_mode, cfg.category_thresholds, tuple(cfg.igu_category_percentiles),
+                     cfg.igu_jitter_smooth)
 
 
 def as_feature_map(backbone: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -93,6 +131,32 @@ def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return as_feature_map(backbone, backbone.forward_features(x))
 
 
+def match_cells(
+    geom_a: torch.Tensor, geom_b: torch.Tensor, feat_hw_a: tuple[int, int], feat_hw_b: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every cell of view A (B, ha·wa): the B cell it falls in and whether it is valid
+    (:func:`~sgcl.transforms.geometry.correspondence`), and the squared source-pixel distance from
+    the A cell's source point to that B cell's centre."""
+    _, idx_b, valid = correspondence(geom_a, geom_b, feat_hw_a, feat_hw_b)
+    ga = geom_a.detach().cpu().reshape(-1, 8)
+    gb = geom_b.detach().cpu().reshape(-1, 8)
+    src_a = view_to_source(cell_centres(ga, feat_hw_a), ga)
+    src_b = view_to_source(cell_centres(gb, feat_hw_b), gb)
+    centre = src_b.gather(1, idx_b[..., None].expand(-1, -1, 2))
+    return idx_b, valid, ((src_a - centre) ** 2).sum(-1)
+
+
+def one_per_cell(candidates: torch.Tensor, cell: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """``candidates`` (ascending), keeping of those that share a ``cell`` the one of least ``dist``
+    (ties: the lowest index) — deterministic."""
+    order = candidates[torch.argsort(dist[candidates], stable=True)]
+    order = order[torch.argsort(cell[order], stable=True)]
+    keys = cell[order]
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return order[first].sort().values
+
+
 class DenseBranch(nn.Module):
     """Dense head + anchor sampler + pixel InfoNCE (see the module docstring)."""
 
@@ -103,18 +167,11 @@ class DenseBranch(nn.Module):
         self.generator: torch.Generator | None = None  # optional, for reproducible anchor draws
 
     # -- anchors ---------------------------------------------------------------------------
-    def _entropy_cells(self, image: torch.Tensor, feat_hw: tuple[int, int]) -> torch.Tensor:
-        c = self.cfg
-        mean = torch.tensor(c.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(c.image_std, dtype=torch.float32)[:, None, None]
-        rgb = ((image.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-        ent = entropy_map(rgb.permute(1, 2, 0).numpy(), c.igu_method, c.igu_grey, c.igu_radius, c.igu_box)
-        return F.adaptive_avg_pool2d(torch.from_numpy(ent)[None, None], feat_hw)[0, 0].reshape(-1)
-
     def choose_anchors(
         self, candidates: torch.Tensor, feat_hw: tuple[int, int], cell_entropy: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Subset of ``candidates`` (flat cell indices of view A, row-major) to use as anchors."""
+        """``min(n_anchors, M)`` distinct members of ``candidates`` (M flat cell indices of view A,
+        row-major); ``cell_entropy`` (h·w,) the mean entropy of every cell (sampler ``igu``)."""
         c, gen = self.cfg, self.generator
         M = candidates.numel()
         n = min(c.n_anchors, M)
@@ -123,19 +180,45 @@ class DenseBranch(nn.Module):
         if c.sampler == "uniform":
             pick = torch.randperm(M, generator=gen)[:n]
         elif c.sampler in ("arco_sg", "arco_sag"):
-            coords = torch.stack([candidates // feat_hw[1], candidates % feat_hw[1]], 1)
-            pick = stratified_group_sample(
-                M, n, c.groups, c.sampler == "arco_sag", c.arco_mode, coords if c.arco_mode == "spatial" else None, gen, extent=feat_hw
-            )
-            pick = torch.unique(pick)
+            coords = torch.stack([candidates // feat_hw[1], candidates % feat_hw[1]], 1) if c.arco_mode == "spatial" else None
+            pick = stratified_group_sample(M, n, c.groups, c.sampler == "arco_sag", c.arco_mode, coords, gen, feat_hw, replacement=False)
         elif c.sampler == "igu":
             if cell_entropy is None:
-                raise ValueError("dense.sampler='igu' needs the view images (images_a) to compute entropy maps")
+                raise ValueError("dense.sampler='igu' needs the entropy of view A's cells (see DenseBranch.pairs)")
             w = sampling_weights(cell_entropy[candidates].double(), c.igu_alpha, c.igu_threshold)
+            w = w + w.max() * 1e-9  # cells of weight 0 (igu_threshold) are drawn last, never short of n
             pick = torch.multinomial(w, n, replacement=False, generator=gen)
         else:
             raise ValueError(f"unknown dense.sampler {c.sampler!r}; use uniform, arco_sg, arco_sag or igu")
         return candidates[pick]
+
+    def pairs(
+        self,
+        geom_a: torch.Tensor,
+        geom_b: torch.Tensor,
+        feat_hw_a: tuple[int, int],
+        feat_hw_b: tuple[int, int],
+        entropy_a: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Anchor pairs of a batch as (image, A cell, B cell) flat LongTensors: per image, the sampler's
+        choice among the valid A cells kept one per B cell (:func:`one_per_cell`). ``entropy_a``
+        (B, H, W): view A's entropy map, needed by sampler ``igu``."""
+        if self.cfg.sampler == "igu" and entropy_a is None:
+            raise ValueError("dense.sampler='igu' needs view A's entropy map (entropy_a, from batch['entropy']), which the data "
+                             "pipeline computes once per patch: build the sample transform with "
+                             "build_sample_transform(aug, ..., dense=cfg.method.dense) (the trainer does)")
+        idx_b, valid, dist = match_cells(geom_a, geom_b, feat_hw_a, feat_hw_b)
+        cell_entropy = None
+        if self.cfg.sampler == "igu":
+            cell_entropy = F.adaptive_avg_pool2d(entropy_a.detach().float()[:, None], feat_hw_a).flatten(1).cpu()
+        img, a, b = [], [], []
+        for i in range(idx_b.shape[0]):
+            candidates = one_per_cell(valid[i].nonzero().flatten(), idx_b[i], dist[i])
+            anchors = self.choose_anchors(candidates, feat_hw_a, None if cell_entropy is None else cell_entropy[i])
+            img.append(torch.full_like(anchors, i))
+            a.append(anchors)
+            b.append(idx_b[i, anchors])
+        return torch.cat(img), torch.cat(a), torch.cat(b)
 
     # -- loss -------------------------------------------------------------------------------
     def loss(
@@ -144,37 +227,27 @@ class DenseBranch(nn.Module):
         feat_b: torch.Tensor,
         geom_a: torch.Tensor,
         geom_b: torch.Tensor,
-        images_a: torch.Tensor | None = None,
+        entropy_a: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Weighted dense loss of two views' feature maps (B, C, h, w).
+        """Weighted dense loss of two views' feature maps (B, C, h, w); ``entropy_a`` (B, H, W) view
+        A's entropy map (sampler ``igu``).
 
         Returns ``loss`` (weighted, with gradient), ``loss_dense`` (unweighted, detached) and
         ``dense_pairs`` (number of anchor pairs used, detached).
         """
-        B, _, ha, wa = feat_a.shape
         hb, wb = feat_b.shape[-2:]
-        _, idx_b, valid = correspondence(geom_a, geom_b, (ha, wa), (hb, wb))
+        img, a, b = self.pairs(geom_a, geom_b, tuple(feat_a.shape[-2:]), (hb, wb), entropy_a)
         za_map = self.head(feat_a).flatten(2)  # (B, D, ha*wa)
         zb_map = self.head(feat_b).flatten(2)
-        rows_a, rows_b = [], []
-        for i in range(B):
-            cand = valid[i].nonzero().flatten()
-            ent = self._entropy_cells(images_a[i], (ha, wa)) if (self.cfg.sampler == "igu" and images_a is not None) else None
-            anchors = self.choose_anchors(cand, (ha, wa), ent)
-            if anchors.numel() == 0:
-                continue
-            dev = za_map.device
-            rows_a.append(za_map[i, :, anchors.to(dev)].t())
-            rows_b.append(zb_map[i, :, idx_b[i, anchors].to(dev)].t())
-        pairs = sum(r.shape[0] for r in rows_a)
-        if pairs < 2:  # keep the graph connected (DDP) with an exact zero
+        if img.numel() < 2:  # keep the graph connected (DDP) with an exact zero
             raw = (za_map.sum() + zb_map.sum()) * 0.0
         else:
-            raw = pixel_info_nce(torch.cat(rows_a), torch.cat(rows_b), self.cfg.temperature)
+            img, a, b = img.to(za_map.device), a.to(za_map.device), b.to(za_map.device)
+            raw = pixel_info_nce(za_map[img, :, a], zb_map[img, :, b], self.cfg.temperature, ids=img * (hb * wb) + b)
         return {
             "loss": raw * self.cfg.weight,
             "loss_dense": raw.detach(),
-            "dense_pairs": torch.tensor(float(pairs), device=raw.device),
+            "dense_pairs": torch.tensor(float(img.numel()), device=raw.device),
         }
 
 
@@ -273,7 +346,8 @@ class DenseMethod(PretrainMethod):
         if self.dense.generator is None:
             self.dense.generator = torch.Generator()
         self.dense.generator.manual_seed(int(self.dense.cfg.seed) * 1_000_003 + int(step) * 7919 + 17)
-        d = self.dense.loss(fa, fb, geoms[0], geoms[1], images_a=views[0] if self.dense.cfg.sampler == "igu" else None)
+        entropy = batch.get("entropy")
+        d = self.dense.loss(fa, fb, geoms[0], geoms[1], entropy_a=None if entropy is None else entropy[0])
         out["loss"] = out["loss"] + d["loss"].to(out["loss"].dtype)
         out["loss_dense"] = d["loss_dense"]
         out["dense_pairs"] = d["dense_pairs"]

@@ -5,6 +5,11 @@ image information entropy (IIE) map -> sampling map ∝ ``H^α`` (or ``1[H ≥ d
 pixels; each anchor is put in a category (low / medium / high information) whose brightness /
 contrast jitter range is applied to its crop.
 
+In the pretraining data pipeline (``InfoGuide``), the IIE map is computed once per patch from its
+un-augmented pixels (``PatchEntropy``, bounded LRU cache) and rendered through each global view's
+geometry with the view; with many anchors per view, the adaptive jitter is applied per region: one
+(brightness, contrast) pair per category and view, applied pixel-wise by the view's category map.
+
 Two IIE variants, with *different units* (the 3.5 / 4.5 thresholds only fit ``rank_disk``):
 
 - ``rank_disk``: entropy in **bits** of the grey-level histogram in a disk of radius 10
@@ -15,11 +20,15 @@ Two IIE variants, with *different units* (the 3.5 / 4.5 thresholds only fit ``ra
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
+
+from sgcl.transforms.photometric import gaussian_blur
 
 CATEGORY_NAMES = ("low", "medium", "high")
 LOW, MEDIUM, HIGH = 0, 1, 2
@@ -31,6 +40,18 @@ DEFAULT_JITTER_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "low": {"brightness": (0.562, 1.612), "contrast": (0.416, 1.817)},
     "medium": {"brightness": (0.505, 1.997), "contrast": (0.340, 2.329)},
     "high": {"brightness": (0.562, 1.612), "contrast": (0.416, 1.817)},
+}
+
+#: Category thresholds for H&E per (entropy method, grey channel), in the map's units: the 30th and
+#: 70th percentiles of the pooled IIE maps of the 103 shared H&E patches at ~0.5 µm/px (NCT-CRC-HE,
+#: CRC-VAL-HE-7K, Kather 2016), the position the reference's 3.5 / 4.5 bits have in its data
+#: (methods.md §4.5). With them adipose, glass and debris fall in "low", stroma and muscle mostly in
+#: "medium", tumour epithelium and lymphocytes mostly in "high".
+HE_CATEGORY_THRESHOLDS: dict[tuple[str, str], tuple[float, float]] = {
+    ("rank_disk", "haematoxylin"): (4.4, 5.4),
+    ("rank_disk", "luminance"): (5.9, 6.6),
+    ("box_hist", "haematoxylin"): (3.4, 4.0),
+    ("box_hist", "luminance"): (4.5, 5.0),
 }
 
 
@@ -162,6 +183,10 @@ class AdaptiveJitter:
         r = self.ranges[CATEGORY_NAMES[int(category)]]
         return float(rng.uniform(*r["brightness"])), float(rng.uniform(*r["contrast"]))
 
+    def category_factors(self, rng: np.random.Generator) -> np.ndarray:
+        """(3, 2) (brightness, contrast) factors, one pair per category (low, medium, high)."""
+        return np.array([self.factors(k, rng) for k in (LOW, MEDIUM, HIGH)], dtype=np.float32)
+
     def __call__(self, image: np.ndarray, category: int, rng: np.random.Generator) -> np.ndarray:
         """Brightness × b, then contrast × c around the mean grey (torchvision semantics), uint8."""
         b, c = self.factors(category, rng)
@@ -170,6 +195,85 @@ class AdaptiveJitter:
         mean = x[..., :3].mean() if x.ndim == 3 else x.mean()
         x = (x - mean) * c + mean
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+# -- the data pipeline: entropy once per patch, rendered with each view ------------------------------
+class PatchEntropy:
+    """IIE map of a patch (float32 (H, W)), computed once and kept in a bounded LRU cache of
+    ``cache_size`` maps (float16, ~100 KB per 224-px patch), keyed by the patch's pixels. Maps are
+    always returned as the stored float16 values, so a view never depends on whether it hit the cache.
+    Each DataLoader worker holds its own cache."""
+
+    def __init__(self, method: Literal["rank_disk", "box_hist"] = "rank_disk",
+                 grey: Literal["haematoxylin", "luminance"] = "haematoxylin", radius: int = 10, box: int = 64,
+                 cache_size: int = 1024):
+        self.method, self.grey, self.radius, self.box = method, grey, radius, box
+        self.cache_size = max(0, int(cache_size))
+        self.cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        image = np.ascontiguousarray(image)
+        digest = hashlib.blake2b(f"{image.shape}{image.dtype}".encode(), digest_size=16)
+        digest.update(image.data)
+        key = digest.digest()
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = entropy_map(image, self.method, self.grey, self.radius, self.box).astype(np.float16)
+            if self.cache_size:
+                self.cache[key] = hit
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(key)
+        return hit.astype(np.float32)
+
+
+class InfoGuide:
+    """IGU-Aug's per-patch guide for the data pipeline (``ViewBuilder.guided_views`` renders it
+    through each view's geometry).
+
+    ``guide(image)``: the patch's IIE map (H, W); with ``jitter``, stacked with one-hot category
+    weights (H, W, 4). Categories use absolute ``thresholds`` (map units) or, with
+    ``category_mode="percentile"``, the patch's own ``percentiles`` of its map.
+    ``factor_maps(guide_view, rng)``: per-pixel (brightness, contrast) factors of a view: one pair
+    per category drawn from ``jitter``'s ranges, mixed by the view's category weights and smoothed
+    by a Gaussian of ``smooth`` px (no hard seams between regions).
+    """
+
+    def __init__(self, entropy: PatchEntropy, jitter: AdaptiveJitter | None = None,
+                 category_mode: Literal["absolute", "percentile"] = "absolute",
+                 thresholds: tuple[float, float] = HE_CATEGORY_THRESHOLDS[("rank_disk", "haematoxylin")],
+                 percentiles: tuple[float, float] = (30.0, 70.0), smooth: float = 4.0):
+        if category_mode not in ("absolute", "percentile"):
+            raise ValueError(f"unknown category mode {category_mode!r}; use 'absolute' or 'percentile'")
+        self.entropy, self.jitter = entropy, jitter
+        self.category_mode, self.thresholds, self.percentiles, self.smooth = category_mode, thresholds, percentiles, smooth
+
+    def category_thresholds(self, entropy: np.ndarray) -> tuple[float, float]:
+        if self.category_mode == "percentile":
+            return thresholds_from_percentiles(entropy, self.percentiles)
+        return self.thresholds
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        ent = self.entropy(image)
+        if self.jitter is None:
+            return ent
+        onehot = np.eye(3, dtype=np.float32)[categorize(ent, self.category_thresholds(ent))]
+        return np.concatenate([ent[..., None], onehot], -1)
+
+    @staticmethod
+    def entropy_of(guide_view: np.ndarray) -> np.ndarray:
+        """The IIE map (h, w) of a rendered guide."""
+        return np.ascontiguousarray(guide_view if guide_view.ndim == 2 else guide_view[..., 0])
+
+    def factor_maps(self, guide_view: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(brightness, contrast) factor maps (h, w) of a view from its rendered guide."""
+        if self.jitter is None or guide_view.ndim != 3:
+            raise ValueError("InfoGuide.factor_maps needs a guide built with an AdaptiveJitter")
+        maps = guide_view[..., 1:4] @ self.jitter.category_factors(rng)  # (h, w, 2)
+        if self.smooth > 0:
+            maps = gaussian_blur(np.ascontiguousarray(maps, dtype=np.float32), self.smooth)
+        return maps[..., 0], maps[..., 1]
 
 
 # -- the sampler ---------------------------------------------------------------------------------

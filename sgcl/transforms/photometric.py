@@ -7,11 +7,16 @@ of (patch, seed): resumed runs and any number of loader workers give identical v
 - optional HED stain jitter: colour deconvolution into haematoxylin/eosin/DAB optical densities
   (Ruifrok & Johnston matrix), per-stain scale ``1±σ`` and shift ``±σ``, recomposition (Tellez et al.);
 - greyscale with probability ``p_grey``; Gaussian blur σ ∈ [0.1, 2] with probability ``p_blur``.
+
+With a ``regional`` jitter (IGU-Aug's adaptive jitter, ``sgcl.sampling.info_guided.InfoGuide``) and a
+view's rendered guide, per-pixel brightness and contrast factor maps replace the brightness and
+contrast draws of the colour jitter; everything else is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -44,11 +49,13 @@ def grey(img: np.ndarray) -> np.ndarray:
     return img @ _GREY
 
 
-def adjust_brightness(img: np.ndarray, f: float) -> np.ndarray:
+def adjust_brightness(img: np.ndarray, f: float | np.ndarray) -> np.ndarray:
+    """``img · f``; ``f`` a scalar or an (H, W, 1) per-pixel factor map."""
     return img * f
 
 
-def adjust_contrast(img: np.ndarray, f: float) -> np.ndarray:
+def adjust_contrast(img: np.ndarray, f: float | np.ndarray) -> np.ndarray:
+    """``(img − m)·f + m`` around the image's mean grey ``m``; ``f`` a scalar or (H, W, 1) map."""
     mean = float(grey(img).mean())
     return (img - mean) * f + mean
 
@@ -94,13 +101,25 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
+class RegionalJitter(Protocol):
+    """Per-pixel (brightness, contrast) factor maps (H, W) of a view from its rendered guide."""
+
+    def factor_maps(self, guide: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 class PhotometricAugment:
-    """Callable ``(uint8 RGB image, rng) -> uint8 RGB image`` with the strengths of ``params``."""
+    """Callable ``(uint8 RGB image, rng[, guide]) -> uint8 RGB image`` with the strengths of ``params``.
 
-    def __init__(self, params: PhotometricParams | None = None):
+    With ``regional`` and a ``guide`` (the view's rendered guide), the colour jitter's brightness and
+    contrast use ``regional.factor_maps`` instead of ``params.brightness`` / ``params.contrast``;
+    without a guide (e.g. the local crops) the call is the plain one.
+    """
+
+    def __init__(self, params: PhotometricParams | None = None, regional: RegionalJitter | None = None):
         self.p = params or PhotometricParams()
+        self.regional = regional
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, img: np.ndarray, rng: np.random.Generator, guide: np.ndarray | None = None) -> np.ndarray:
         p = self.p
         out = img.astype(np.float32)
         if p.hed_sigma > 0 and rng.random() < p.p_hed:
@@ -108,8 +127,13 @@ class PhotometricAugment:
             beta = rng.uniform(-p.hed_sigma, p.hed_sigma, 3)
             out = np.minimum(hed_jitter(img, alpha, beta), 255.0)
         if rng.random() < p.p_jitter:
+            maps = None
+            if self.regional is not None and guide is not None:
+                maps = [m[..., None] for m in self.regional.factor_maps(guide, rng)]
             for op in rng.permutation(4):
-                if op == 0 and p.brightness > 0:
+                if op < 2 and maps is not None:
+                    out = (adjust_brightness if op == 0 else adjust_contrast)(out, maps[op])
+                elif op == 0 and p.brightness > 0:
                     out = adjust_brightness(out, rng.uniform(max(0, 1 - p.brightness), 1 + p.brightness))
                 elif op == 1 and p.contrast > 0:
                     out = adjust_contrast(out, rng.uniform(max(0, 1 - p.contrast), 1 + p.contrast))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sgcl.transforms.base import CropBox, CropPolicy, ViewGeometry
+from sgcl.transforms.geometry import render_view
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,9 +99,14 @@ def to_tensor(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, normalize: 
 
 
 class ViewBuilder:
-    """Global views of a patch: ``policy`` crop + random flip + random 90° rotation + ``photometric``."""
+    """Global views of a patch: ``policy`` crop + random flip + random 90° rotation + ``photometric``.
 
-    def __init__(self, policy: CropPolicy, photometric: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    A *guide* (an (H, W[, C]) float array aligned with the patch, e.g. IGU-Aug's entropy map) is
+    rendered through each view's geometry (``geometry.render_view``) and handed to the photometric
+    as ``photometric(view, rng, guide=...)``.
+    """
+
+    def __init__(self, policy: CropPolicy, photometric: Callable[..., np.ndarray] | None = None,
                  hflip_p: float = 0.5, rotate90: bool = True):
         self.policy = policy
         self.photometric = photometric
@@ -112,21 +118,34 @@ class ViewBuilder:
         rot_k = int(rng.integers(0, 4)) if self.rotate90 else 0
         return hflip, rot_k
 
-    def view(self, img: np.ndarray, rng: np.random.Generator, box: CropBox | None = None,
-             offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, ViewGeometry]:
+    def guided_view(self, img: np.ndarray, rng: np.random.Generator, box: CropBox | None = None,
+                    offset: tuple[float, float] = (0.0, 0.0), guide: np.ndarray | None = None,
+                    ) -> tuple[np.ndarray, ViewGeometry, np.ndarray | None]:
+        """``(view, geometry, rendered guide or None)``."""
         box = box if box is not None else self.policy.sample(img.shape[0], img.shape[1], rng, img)
         hflip, rot_k = self._flip_rot(rng)
         view, geom = make_view(img, box, self.policy.out_size, hflip, rot_k, offset)
+        guide_view = None if guide is None else render_view(guide, geom)
         if self.photometric is not None:
-            view = self.photometric(view, rng)
+            view = self.photometric(view, rng) if guide_view is None else self.photometric(view, rng, guide=guide_view)
+        return view, geom, guide_view
+
+    def view(self, img: np.ndarray, rng: np.random.Generator, box: CropBox | None = None,
+             offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, ViewGeometry]:
+        view, geom, _ = self.guided_view(img, rng, box, offset)
         return view, geom
 
-    def views(self, img: np.ndarray, rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, ViewGeometry]]:
-        """``n`` views; the first two boxes come from ``policy.sample_pair`` (policies may relate them)."""
+    def guided_views(self, img: np.ndarray, rng: np.random.Generator, n: int, guide: np.ndarray | None = None,
+                     ) -> list[tuple[np.ndarray, ViewGeometry, np.ndarray | None]]:
+        """``n`` guided views; the first two boxes come from ``policy.sample_pair`` (policies may relate them)."""
         if n <= 0:
             return []
         if n == 1:
-            return [self.view(img, rng)]
+            return [self.guided_view(img, rng, guide=guide)]
         boxes = list(self.policy.sample_pair(img.shape[0], img.shape[1], rng, img))
         boxes += [self.policy.sample(img.shape[0], img.shape[1], rng, img) for _ in range(n - 2)]
-        return [self.view(img, rng, box) for box in boxes]
+        return [self.guided_view(img, rng, box, guide=guide) for box in boxes]
+
+    def views(self, img: np.ndarray, rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, ViewGeometry]]:
+        """``n`` views (see ``guided_views``)."""
+        return [(v, g) for v, g, _ in self.guided_views(img, rng, n)]

@@ -125,8 +125,8 @@ def test_shipped_scale_and_dense_configs_load():
         cfg = load_config(PretrainConfig, f)
         assert cfg.aug.crop == "small_window" or cfg.method.dense.enabled, f
         assert yaml.safe_load(f.read_text())
-        transform = build_sample_transform(cfg.aug, 2, cfg.method.name == "sgcl")
-        assert transform is not None
+        transform = build_sample_transform(cfg.aug, 2, cfg.method.name == "sgcl", cfg.method.dense)
+        assert (transform.guide is not None) == (cfg.method.dense.sampler == "igu"), f
 
 
 def test_stop_and_resume_with_dense_term_is_exact(h5_dir, tmp_path):

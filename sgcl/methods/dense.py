@@ -56,7 +56,7 @@ class DenseConfig:
     temperature: float = 0.2
     hidden_dim: int = 512       # dense projection head (1x1 convs)
     out_dim: int = 128
-    igu_method: Literal["rank_disk", "box_hist"] = "rank_disk"  # IGU entropy map: disk of radius igu_radius (bits) | igu_box² box histogram (nats); computed once per patch in the loader
+    igu_method: Literal["rank_disk", "box_hist"] = "rank_disk"  # IGU entropy map: disk of radius igu_radius (bits) or igu_box² box histogram (nats); computed once per patch in the loader
     igu_grey: Literal["haematoxylin", "luminance"] = "haematoxylin"  # grey channel of the entropy map
     igu_alpha: float = 0.3      # anchor probability ∝ H^alpha of the cell's mean entropy
     igu_threshold: float | None = None  # set: probability ∝ 1[H >= threshold] instead of H^alpha

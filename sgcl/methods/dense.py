@@ -325,6 +325,9 @@ class DenseMethod(PretrainMethod):
     def load_extra_state(self, state: dict) -> None:
         self.base.load_extra_state(state)
 
+    def representation_rows(self) -> dict[str, torch.Tensor]:
+        return self.base.representation_rows()
+
     def _view_features(self, records, view: torch.Tensor) -> torch.Tensor:
         rows = _find_rows(records, view)
         if rows is None:

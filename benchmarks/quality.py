@@ -29,6 +29,7 @@ are reused, so an interrupted benchmark resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -418,6 +419,8 @@ def run(args) -> dict:
 
     t_all = time.perf_counter()
     b: Budget = BUDGETS[args.budget]
+    if args.steps:
+        b = dataclasses.replace(b, steps=args.steps)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log(f"budget {args.budget}: {b}")
@@ -501,7 +504,7 @@ def run(args) -> dict:
         spread[r]["training"] = "; ".join(verdicts) if verdicts else ("no collapse flagged" if ROWS[r] else "")
     result = {
         "title": f"sgcl quality benchmark ({args.budget} budget{', QUICK pipeline check' if args.quick else ''})",
-        "quick": bool(args.quick), "budget": b.__dict__, "seg_budget": SEG_BUDGETS[b.seg], "rows_overrides": {r: ROWS[r] for r in evals},
+        "quick": bool(args.quick), "budget": dataclasses.asdict(b), "seg_budget": SEG_BUDGETS[b.seg], "rows_overrides": {r: ROWS[r] for r in evals},
         "seeds": args.seeds, "device": args.device, "torch": torch.__version__,
         "data": {"pretraining_patches": n_patches, "mpp": args.mpp, "patch_size": args.patch_size, "h5_dir": str(h5_dir),
                  "classification": {t: {k: v for k, v in m["meta"].items()} | {"ci_unit": m["ci_unit"]}
@@ -521,6 +524,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--quick", action="store_true", help="tiny budget, 2 rows, 1 seed, subsets: a pipeline check (CI)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default=None, help="default: cpu (quick with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (overrides the budget's)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {list(ROWS)} (default: all)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")

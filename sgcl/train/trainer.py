@@ -338,6 +338,7 @@ class Trainer:
         except ImportError:  # pragma: no cover
             bar = None
         finished = self.global_step >= stop_at
+        t_fit = time.perf_counter()
         epoch = self.start_epoch
         while not finished and epoch < cfg.train.epochs:
             self.sampler.set_epoch(epoch)
@@ -378,12 +379,12 @@ class Trainer:
                 self.global_step += 1
                 elapsed = time.perf_counter() - t0
                 row = {"step": self.global_step, "epoch": epoch, **terms_acc, "lr": lr,
-                       "img_per_s": seen / elapsed if elapsed > 0 else 0.0}
+                       "img_per_s": seen / elapsed if elapsed > 0 else 0.0, "elapsed_s": time.perf_counter() - t_fit}
                 terms_acc = {}
                 health_now = cfg.train.health_every > 0 and (self.global_step % cfg.train.health_every == 0 or self.global_step == stop_at)
                 log_now = self.global_step % cfg.train.log_every == 0 or self.global_step == 1 or health_now
                 if log_now and self.dist.world_size > 1:
-                    row.update(self._mean_over_ranks({k: v for k, v in row.items() if k not in ("step", "epoch", "lr", "img_per_s")}))
+                    row.update(self._mean_over_ranks({k: v for k, v in row.items() if k not in ("step", "epoch", "lr", "img_per_s", "elapsed_s")}))
                 if health_now and self.dist.is_main:  # rank 0's own rows (no collective)
                     row.update(self._check_health(row))
                 if self.dist.is_main:

@@ -97,12 +97,12 @@ BUDGETS = {
     "quick": Budget(backbone="resnet18", size=48, batch=16, steps=4, queue=64, nei_k=8, clusters=4, dense_anchors=2,
                     workers=0, seg="quick"),
     "cpu": Budget(steps=600),
-    "gpu": Budget(batch=128, steps=3000, lr=0.06, queue=8192, precision="bf16", workers=2, seg="gpu"),
+    "gpu": Budget(batch=128, steps=240, lr=0.06, queue=4096, precision="bf16", workers=2, seg="gpu"),
 }
 SEG_BUDGETS = {
     "quick": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "patch_size": 64, "overlap": 0.0},
     "cpu": {},  # quality_eval.DEFAULT_SEG_BUDGET
-    "gpu": {"epochs": 20, "steps_per_epoch": 20, "batch_size": 16, "patch_size": 128},
+    "gpu": {"threads": 2},  # the CPU budget's fine-tuning, on the GPU (several evaluations share the CPU cores)
 }
 
 
@@ -217,6 +217,9 @@ def random_init_export(out: Path, backbone: str, seed: int) -> str:
 
 # -- evaluation -----------------------------------------------------------------------------------------------
 
+_TASKS: dict[tuple, dict] = {}
+
+
 def evaluate_job(row: str, seed: int, spec: str, out: str, shared: str, mpp: float, quick: bool, seg_root: str | None,
                  seg_budget: dict, device: str, threads: int, n_boot: int) -> dict:
     """Classification and segmentation scores of one encoder (a process-pool task; cached in JSON)."""
@@ -230,7 +233,10 @@ def evaluate_job(row: str, seed: int, spec: str, out: str, shared: str, mpp: flo
     dest = Path(out) / "eval" / f"{row}_s{seed}.json"
     if dest.is_file():
         return json.loads(dest.read_text())
-    tasks = load_classification_tasks(Path(shared), mpp=mpp, quick=quick)
+    key = (shared, mpp, quick)
+    if key not in _TASKS:  # loaded once per evaluation process
+        _TASKS[key] = load_classification_tasks(Path(shared), mpp=mpp, quick=quick)
+    tasks = _TASKS[key]
     feats, info = embed_tasks(spec, tasks, device=device)
     result: dict = {"row": row, "seed": seed, "encoder": spec, "embed": info, "classification": {}, "spread": {},
                     "segmentation": {}}
@@ -466,7 +472,8 @@ def run(args) -> dict:
     eval_device = "cuda" if args.device.startswith("cuda") else "cpu"
     import multiprocessing
 
-    with ProcessPoolExecutor(max_workers=args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=args.eval_parallel or args.parallel,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(evaluate_job, r, s, spec, str(out), str(args.shared), args.mpp, args.quick, seg_root,
                                SEG_BUDGETS[b.seg], eval_device, args.threads, args.n_boot): (r, s)
                    for (r, s), spec in specs.items()}
@@ -529,6 +536,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--parallel", type=int, default=2, help="pretraining runs / evaluations at once")
+    p.add_argument("--eval-parallel", type=int, default=None, help="evaluations at once (default: --parallel)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder (default ../shared/data)")
     p.add_argument("--tiles", type=Path, default=None, help="reuse a folder of tiled .h5 files")

@@ -71,7 +71,7 @@ EOF
   exit 0
 fi
 
-python3 benchmarks/quality.py "${COMMON[@]}" --out /tmp/quality "$@" 2>&1 | tee "$DEST/quality.log"
+timeout "${QUALITY_TIMEOUT_S:-540}" python3 benchmarks/quality.py "${COMMON[@]}" --out /tmp/quality "$@" 2>&1 | tee "$DEST/quality.log"
 rc=${PIPESTATUS[0]}
 cp /tmp/quality/quality.{json,csv,md,png} "$DEST"/ 2>/dev/null
 (cd /tmp/quality && tar czf "$DEST/logs.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='tensorboard' \

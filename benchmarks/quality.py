@@ -63,6 +63,7 @@ ROWS: dict[str, list[str] | None] = {
     "sgcl_no_inter": [*_SGCL, "method.sgcl.inter_term=false"],
     "sgcl_no_inner": [*_SGCL, "method.sgcl.inner_term=false"],
     "sgcl_queue": [*_SGCL, "method.sgcl.bank=queue"],
+    "sgcl_clean": [*_SGCL, "method.sgcl.denominator=clean"],
     "sgcl_scale_rho4": [*_SGCL, *_SCALE],
     "sgcl_dense_uniform": [*_SGCL, *_DENSE, "method.dense.sampler=uniform"],
     "sgcl_dense_arco_sag": [*_SGCL, *_DENSE, "method.dense.sampler=arco_sag"],
@@ -194,6 +195,21 @@ def pretrain_job(row: str, seed: int, overrides: list[str], run: Path, threads: 
             "health": health.get("rows", {}), "last_metrics": _last_metrics(run)}
 
 
+def health_summary(per_seed: list[dict]) -> str:
+    """One line per row: for each set of rows the trainer measured (bank/queue/embedding, backbone),
+    the seed-mean spread at the end and how many seeds were flagged (sgcl.train.health.verdict)."""
+    parts = []
+    for name in sorted({n for h in per_seed for n in h}):
+        got = [h[name] for h in per_seed if name in h]
+        flagged = [g["verdict"].split(":")[0] for g in got if g.get("verdict")]
+        text = (f"{name}: mean cos {np.mean([g['mean_cos'] for g in got]):.2f}, "
+                f"eff. rank {np.mean([g['eff_rank'] for g in got]):.1f}")
+        if flagged:
+            text += f" — {max(set(flagged), key=flagged.count)} in {len(flagged)}/{len(got)} seeds"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def _last_metrics(run: Path) -> dict:
     path = run / "metrics.jsonl"
     if not path.is_file():
@@ -221,7 +237,7 @@ _TASKS: dict[tuple, dict] = {}
 
 
 def evaluate_job(row: str, seed: int, spec: str, out: str, shared: str, mpp: float, quick: bool, seg_root: str | None,
-                 seg_budget: dict, device: str, threads: int, n_boot: int) -> dict:
+                 seg_budget: dict, device: str, threads: int, n_boot: int, pretrain_device: str = "") -> dict:
     """Classification and segmentation scores of one encoder (a process-pool task; cached in JSON)."""
     import torch
 
@@ -238,8 +254,8 @@ def evaluate_job(row: str, seed: int, spec: str, out: str, shared: str, mpp: flo
         _TASKS[key] = load_classification_tasks(Path(shared), mpp=mpp, quick=quick)
     tasks = _TASKS[key]
     feats, info = embed_tasks(spec, tasks, device=device)
-    result: dict = {"row": row, "seed": seed, "encoder": spec, "embed": info, "classification": {}, "spread": {},
-                    "segmentation": {}}
+    result: dict = {"row": row, "seed": seed, "encoder": spec, "pretrain_device": pretrain_device, "embed": info,
+                    "classification": {}, "spread": {}, "segmentation": {}}
     for name, task in tasks.items():
         # fixed evaluation seed (folds, inner folds, bootstrap): the seed spread is the pretraining's alone
         scores = classification_scores(feats[name], task, seed=0, n_boot=n_boot)
@@ -362,11 +378,11 @@ def markdown(result: dict) -> str:
         for name, d in diffs.items():
             cells = [f"{d[m]['value']:+.3f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}]" if m in d else "" for m in metrics]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("\n| row | " + " | ".join(f"{t} features: mean cos / eff. rank" for t in CLASSIFICATION)
-                 + " | training health at the end |\n|---|" + "---|" * (len(CLASSIFICATION) + 1))
+    lines.append("\n| row | pretrained on | " + " | ".join(f"{t} features: mean cos / eff. rank" for t in CLASSIFICATION)
+                 + " | training health at the end |\n|---|---|" + "---|" * (len(CLASSIFICATION) + 1))
     for r, info in result["spread"].items():
         cells = [f"{info[t]['mean_cos']:.2f} / {info[t]['eff_rank']:.1f}" for t in CLASSIFICATION]
-        lines.append(f"| {r} | " + " | ".join(cells) + f" | {info.get('training', '')} |")
+        lines.append(f"| {r} | {', '.join(info.get('device', []))} | " + " | ".join(cells) + f" | {info.get('training', '')} |")
     return "\n".join(lines)
 
 
@@ -418,79 +434,96 @@ def write_outputs(out: Path, result: dict) -> None:
 
 # -- run ---------------------------------------------------------------------------------------------------------
 
-def run(args) -> dict:
-    import torch
+def _pretrain_info(out: Path, row: str, seed: int) -> dict:
+    """Health and last logged metrics of a finished pretraining run, read from its folder."""
+    run = out / "pretrain" / f"{row}_s{seed}"
+    health = json.loads((run / "health.json").read_text()) if (run / "health.json").is_file() else {}
+    return {"health": health.get("rows", {}), "last_metrics": _last_metrics(run)}
 
-    from quality_eval import build_seg_task, load_classification_tasks
 
-    t_all = time.perf_counter()
-    b: Budget = BUDGETS[args.budget]
-    if args.steps:
-        b = dataclasses.replace(b, steps=args.steps)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"budget {args.budget}: {b}")
-    h5_dir = args.tiles.resolve() if args.tiles else tile_pretraining_data(args.shared, out, args.mpp, args.patch_size, args.quick, args.jpeg_quality)
+def run_jobs(args, b: Budget, out: Path) -> tuple[dict, float]:
+    """Pretrain every (row, seed) (``--parallel`` subprocesses) and evaluate each encoder as soon
+    as it exists (``--eval-parallel`` processes); results land in ``out/eval``. Returns failures."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quality_eval import build_seg_task
+
+    h5_dir = args.tiles.resolve() if args.tiles else tile_pretraining_data(args.shared, out, args.mpp, args.patch_size,
+                                                                           args.quick, args.jpeg_quality)
     n_patches = count_patches(h5_dir)
     log(f"pretraining data: {n_patches} patches in {len(list(h5_dir.glob('*.h5')))} files ({h5_dir})")
     if args.no_seg:
         seg_root = None
     else:
         seg_root = str(args.seg_task.resolve() if args.seg_task else build_seg_task(args.shared, out / "nuinsseg", mpp=args.seg_mpp))
-
-    # pretraining, --parallel subprocesses at a time
-    jobs = [(r, s) for r in args.rows if ROWS[r] is not None for s in args.seeds]
-    pre: dict[tuple[str, int], dict] = {}
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {}
-        for r, s in jobs:
-            run_dir = out / "pretrain" / f"{r}_s{s}"
-            overrides = [*common_overrides(b, h5_dir, run_dir, s, n_patches, args.device), *ROWS[r]]
-            futures[pool.submit(pretrain_job, r, s, overrides, run_dir, args.threads)] = (r, s)
-        for fut in as_completed(futures):
-            r, s = futures[fut]
-            try:
-                pre[(r, s)] = fut.result()
-                log(f"pretrained {r} seed {s} in {pre[(r, s)]['seconds']:.0f} s ({len(pre)}/{len(jobs)})")
-            except Exception as exc:  # one failed run is reported, the others go on
-                pre[(r, s)] = {"row": r, "seed": s, "error": str(exc)}
-                log(f"FAILED {r} seed {s}: {str(exc)[:300]}")
-    pretrain_s = time.perf_counter() - t0
-
-    # evaluation, --parallel processes at a time
-    specs = {}
-    for r in args.rows:
-        for s in args.seeds:
-            if ROWS[r] is None:
-                specs[(r, s)] = random_init_export(out, b.backbone, s)
-            elif "export" in pre.get((r, s), {}):
-                specs[(r, s)] = pre[(r, s)]["export"]
-    evals: dict[str, dict[int, dict]] = {}
-    failed: dict[str, str] = {f"{r}_s{s}": p["error"] for (r, s), p in pre.items() if "error" in p}
-    t0 = time.perf_counter()
     eval_device = "cuda" if args.device.startswith("cuda") else "cpu"
-    import multiprocessing
+    failed: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.parallel) as pre_pool, \
+            ProcessPoolExecutor(max_workers=args.eval_parallel or args.parallel,
+                                mp_context=multiprocessing.get_context("spawn")) as eval_pool:
+        pending = {}
 
-    with ProcessPoolExecutor(max_workers=args.eval_parallel or args.parallel,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(evaluate_job, r, s, spec, str(out), str(args.shared), args.mpp, args.quick, seg_root,
-                               SEG_BUDGETS[b.seg], eval_device, args.threads, args.n_boot): (r, s)
-                   for (r, s), spec in specs.items()}
-        for fut in as_completed(futures):
-            r, s = futures[fut]
+        def submit_eval(r: str, s: int, spec: str) -> None:
+            fut = eval_pool.submit(evaluate_job, r, s, spec, str(out), str(args.shared), args.mpp, args.quick, seg_root,
+                                   SEG_BUDGETS[b.seg], eval_device, args.threads, args.n_boot, args.device)
+            pending[fut] = ("eval", r, s)
+
+        for r in args.rows:
+            for s in args.seeds:
+                if ROWS[r] is None:
+                    submit_eval(r, s, random_init_export(out, b.backbone, s))
+                else:
+                    run_dir = out / "pretrain" / f"{r}_s{s}"
+                    overrides = [*common_overrides(b, h5_dir, run_dir, s, n_patches, args.device), *ROWS[r]]
+                    pending[pre_pool.submit(pretrain_job, r, s, overrides, run_dir, args.threads)] = ("pretrain", r, s)
+        while pending:
+            done = next(as_completed(list(pending)))
+            kind, r, s = pending.pop(done)
             try:
-                evals.setdefault(r, {})[s] = fut.result()
-                knn = np.mean([evals[r][s]["classification"][t]["knn"]["balanced_accuracy"]["value"] for t in CLASSIFICATION])
+                res = done.result()
+            except Exception as exc:  # one failed run is reported, the others go on
+                failed[f"{r}_s{s}"] = f"{kind}: {exc}"
+                log(f"FAILED {kind} of {r} seed {s}: {str(exc)[:300]}")
+                continue
+            if kind == "pretrain":
+                log(f"pretrained {r} seed {s} in {res['seconds']:.0f} s")
+                submit_eval(r, s, res["export"])
+            else:
+                knn = np.mean([res["classification"][t]["knn"]["balanced_accuracy"]["value"] for t in CLASSIFICATION])
                 log(f"evaluated {r} seed {s}: mean kNN balanced accuracy {knn:.3f}")
-            except Exception as exc:
-                failed[f"{r}_s{s}"] = f"evaluation: {exc}"
-                log(f"FAILED evaluation of {r} seed {s}: {str(exc)[:300]}")
-    eval_s = time.perf_counter() - t0
-    complete = {r: evals[r] for r in args.rows if r in evals and len(evals[r]) == len(args.seeds)}
-    if not complete:
-        raise RuntimeError(f"no row finished every seed; failures: {failed}")
-    evals = {r: dict(sorted(complete[r].items())) for r in complete}
+    return failed, time.perf_counter() - t0
+
+
+def run(args) -> dict:
+    import torch
+
+    from quality_eval import load_classification_tasks
+
+    t_all = time.perf_counter()
+    b: Budget = BUDGETS[args.budget]
+    b = dataclasses.replace(b, **{k: v for k, v in (("steps", args.steps), ("precision", args.precision),
+                                                    ("workers", args.workers)) if v is not None})
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"budget {args.budget}: {b}")
+    failed, jobs_s = ({}, 0.0) if args.aggregate_only else run_jobs(args, b, out)
+
+    # every result comes from the files in out/eval, so runs made elsewhere can be merged in
+    evals: dict[str, dict[int, dict]] = {}
+    missing = {}
+    for r in args.rows:
+        paths = {s: out / "eval" / f"{r}_s{s}.json" for s in args.seeds}
+        absent = [s for s, p in paths.items() if not p.is_file()]
+        if absent:
+            missing[r] = absent
+            continue
+        evals[r] = {s: json.loads(p.read_text()) for s, p in paths.items()}
+    if not evals:
+        raise RuntimeError(f"no row has an evaluation for every seed in {out / 'eval'}; failures: {failed}")
+    if missing:
+        log(f"rows without every seed's evaluation, left out: {missing}")
 
     tasks = load_classification_tasks(args.shared, mpp=args.mpp, quick=args.quick)
     tasks_meta = {}
@@ -502,25 +535,23 @@ def run(args) -> dict:
         tasks_meta[name] = {"labels": task.labels, "units": units, "classes": task.num_classes, "scored": scored,
                             "ci_unit": c["ci_unit"], "meta": task.meta}
     agg = aggregate(evals, tasks_meta, args.n_boot)
+    pre = {(r, s): _pretrain_info(out, r, s) for r in evals for s in args.seeds if ROWS[r] is not None}
     spread = {}
     for r, per_seed in evals.items():
         spread[r] = {t: {k: float(np.mean([e["spread"][t][k] for e in per_seed.values()])) for k in ("mean_cos", "eff_rank")}
                      for t in CLASSIFICATION}
-        verdicts = sorted({v["verdict"] for s in args.seeds for v in pre.get((r, s), {}).get("health", {}).values()
-                           if v.get("verdict")})
-        spread[r]["training"] = "; ".join(verdicts) if verdicts else ("no collapse flagged" if ROWS[r] else "")
+        spread[r]["training"] = health_summary([pre[(r, s)]["health"] for s in args.seeds]) if ROWS[r] else ""
+        spread[r]["device"] = sorted({e.get("pretrain_device", "?") for e in per_seed.values()})
     result = {
         "title": f"sgcl quality benchmark ({args.budget} budget{', QUICK pipeline check' if args.quick else ''})",
-        "quick": bool(args.quick), "budget": dataclasses.asdict(b), "seg_budget": SEG_BUDGETS[b.seg], "rows_overrides": {r: ROWS[r] for r in evals},
-        "seeds": args.seeds, "device": args.device, "torch": torch.__version__,
-        "data": {"pretraining_patches": n_patches, "mpp": args.mpp, "patch_size": args.patch_size, "h5_dir": str(h5_dir),
+        "quick": bool(args.quick), "budget": dataclasses.asdict(b), "seg_budget": SEG_BUDGETS[b.seg],
+        "rows_overrides": {r: ROWS[r] for r in evals}, "seeds": args.seeds, "torch": torch.__version__,
+        "data": {"mpp": args.mpp, "patch_size": args.patch_size,
                  "classification": {t: {k: v for k, v in m["meta"].items()} | {"ci_unit": m["ci_unit"]}
-                                    for t, m in tasks_meta.items()},
-                 "segmentation": seg_root},
-        "aggregate": agg, "spread": spread, "failed": failed,
-        "pretraining": {f"{r}_s{s}": {k: v for k, v in p.items() if k != "export"} for (r, s), p in pre.items()},
-        "timing_s": {"pretraining": round(pretrain_s, 1), "evaluation": round(eval_s, 1),
-                     "total": round(time.perf_counter() - t_all, 1)},
+                                    for t, m in tasks_meta.items()}},
+        "aggregate": agg, "spread": spread, "failed": failed, "missing_rows": missing,
+        "pretraining": {f"{r}_s{s}": p for (r, s), p in pre.items()},
+        "timing_s": {"jobs": round(jobs_s, 1), "total": round(time.perf_counter() - t_all, 1)},
     }
     write_outputs(out, result)
     return result
@@ -532,6 +563,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budget, 2 rows, 1 seed, subsets: a pipeline check (CI)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default=None, help="default: cpu (quick with --quick)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (overrides the budget's)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="overrides the budget's (bf16 is slow on most CPUs)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers per pretraining run (overrides the budget's)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {list(ROWS)} (default: all)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -547,6 +580,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seg-mpp", type=float, default=0.5, help="µm/px of the NuInsSeg images")
     p.add_argument("--no-seg", action="store_true", help="skip the segmentation fine-tuning")
     p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="no pretraining or evaluation: aggregate the rows whose out/eval/<row>_s<seed>.json all exist")
     args = p.parse_args(argv)
     args.budget = args.budget or ("quick" if args.quick else "cpu")
     default_rows = ["random_init", "sgcl"] if args.quick else list(ROWS)

@@ -264,3 +264,30 @@ def test_mining_within_a_random_pool_still_excludes_and_stays_in_range(mode):
             cand = [r for r in rows.tolist() if r not in set(exclude[row].tolist())]
             best = sorted(cand, key=lambda r: -float(sims[row, r]))[:10]
             assert set(idx[row].tolist()) == set(best)
+
+
+def test_faithful_constant_turns_lsp_into_pure_attraction_and_rewards_collapse():
+    """Why SGCL's projection collapsed once L_sp had a gradient (docs/quality.md): with the
+    reference's constant C = N − |P| (N = 4,371 patches, T = 0.07), at cosine ≈ 0 the mined
+    negatives get ~1.4 % of the positives' gradient, so L_sp only pulls queries towards their
+    positives; and moving *every* similarity to 1 lowers the faithful loss by ~4 nats, while the
+    clean loss (C = 0) is the same at both points and pushes negatives as hard as it pulls positives."""
+    n_pos, n_neg, T, N = 16, 64, 0.07, 4371
+    grads = {}
+    for mode in ("faithful", "clean"):
+        pos = torch.zeros(1, n_pos, requires_grad=True)
+        neg = torch.zeros(1, n_neg, requires_grad=True)
+        multi_positive_nce(pos, torch.ones(1, n_pos, dtype=torch.bool), neg, None, T, mode, N).backward()
+        grads[mode] = (float(pos.grad.sum()), float(neg.grad.sum()))
+    pull, push = grads["faithful"]
+    assert pull < 0 < push < 0.02 * -pull
+    pull, push = grads["clean"]
+    assert push == pytest.approx(-pull, rel=1e-5)  # 64/80 each way at equal similarities
+
+    def loss(sim: float, mode: str) -> float:
+        return float(multi_positive_nce(torch.full((1, n_pos), sim), torch.ones(1, n_pos, dtype=torch.bool),
+                                        torch.full((1, n_neg), sim), None, T, mode, N))
+
+    assert loss(1.0, "faithful") < loss(0.0, "faithful") - 3.5            # collapse lowers it by ~4 nats
+    assert loss(1.0, "clean") == pytest.approx(loss(0.0, "clean"), rel=1e-4)  # not rewarded
+    assert loss(1.0, "clean") == pytest.approx(math.log((n_pos + n_neg) / n_pos), rel=1e-4)

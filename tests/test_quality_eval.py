@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, shared_path
+from evaluation.crossval import DEFAULT_K_GRID, make_folds
 
 
 def _load():
@@ -70,7 +71,7 @@ def seg_task(tmp_path_factory):
 @pytest.mark.parametrize("n_groups,max_folds", [(30, 5), (4, 5), (9, 10)])
 def test_folds_never_split_a_group_and_cover_every_item_once(n_groups, max_folds):
     task, _ = _synthetic(n_groups=n_groups)
-    fold, scheme = qe.make_folds(task.labels, task.groups, max_folds=max_folds, seed=3)
+    fold, scheme = make_folds(task.labels, task.groups, max_folds=max_folds, seed=3)
     assert fold.shape == task.labels.shape  # exactly one fold (= one out-of-fold prediction) per item
     for g in np.unique(task.groups):
         assert len(set(fold[task.groups == g])) == 1, f"group {g} split across folds"
@@ -117,7 +118,7 @@ def test_real_tasks_scale_groups_and_out_of_fold_predictions(quick_tasks):
 
 def test_test_fold_labels_and_features_do_not_change_the_chosen_hyper_parameters():
     task, x = _synthetic(n_groups=24, per_group=3, noise=0.8, seed=1)
-    fold, _ = qe.make_folds(task.labels, task.groups, max_folds=4, seed=0)
+    fold, _ = make_folds(task.labels, task.groups, max_folds=4, seed=0)
     base = qe.classification_scores(x, task, seed=0, n_boot=10, folds=fold)
     rng = np.random.default_rng(5)
     for f in range(4):
@@ -132,7 +133,7 @@ def test_test_fold_labels_and_features_do_not_change_the_chosen_hyper_parameters
         for key in ("knn_k", "knn_inner_balanced_accuracy", "linear_l2", "linear_inner_balanced_accuracy"):
             assert a[key] == b[key], (f, key)
     # the selection is real: different k were scored on the inner folds
-    assert len(base["per_fold"][0]["knn_inner_balanced_accuracy"]) == len(qe.DEFAULT_K_GRID)
+    assert len(base["per_fold"][0]["knn_inner_balanced_accuracy"]) == len(DEFAULT_K_GRID)
 
 
 def test_given_folds_that_split_a_group_are_refused():

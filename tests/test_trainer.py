@@ -4,6 +4,7 @@ NaN handling, bad input, torchrun DDP on CPU (gloo), export loadable by timm."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -245,3 +246,14 @@ def test_explicit_resume_path_continues_from_that_checkpoint(tiles, tmp_path):
     assert [r["step"] for r in rows] == [5, 6]
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["global_step"] == 6
     assert (tmp_path / "b" / "export" / "backbone.safetensors").is_file()
+
+
+def test_ramp_weight_moves_within_an_epoch(tiles, tmp_path):
+    """SGCL's w(e) is evaluated at the fractional epoch: a ramp shorter than an epoch (short runs,
+    huge cohorts) rises step by step instead of staying at w(0) = 0.0067 for the whole first epoch."""
+    cfg = tiny_config(tmp_path, tiles / "tcga.h5", "data.batch_size=16", "train.max_steps=6", "train.log_every=1",
+                      "train.export=false", "method.sgcl.rampup_epochs=0.5", "train.health_every=0")
+    rows = Trainer(cfg).fit()
+    assert all(r["epoch"] == 0 for r in rows)
+    w = [r["ramp_weight"] for r in rows]
+    assert w[0] == pytest.approx(math.exp(-5), rel=1e-4) and all(b > a for a, b in zip(w, w[1:]))

@@ -14,7 +14,7 @@ Batch contract (a dict of tensors; the data pipeline produces it, the method con
 
 Lifecycle, called by the trainer: ``on_train_start(meta)`` once (after moving to the device and
 before DDP wrap), ``on_epoch_start(epoch)`` (k-means, broadcast), ``forward(batch, epoch, step)``
--> dict with ``loss`` and every term as detached scalars for logging, ``on_after_step(out)``
+(``epoch`` is fractional: the epoch index plus the fraction of it already done) -> dict with ``loss`` and every term as detached scalars for logging, ``on_after_step(out)``
 (bank/queue updates, momentum encoder), ``extra_state()`` / ``load_extra_state(state)`` for
 anything a resume must restore that is not a parameter or buffer, ``representation_rows()`` for
 the training-health diagnostics (``sgcl.train.health``).
@@ -56,7 +56,7 @@ class PretrainMethod(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027
         pass
 
-    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     @torch.no_grad()

@@ -334,7 +334,7 @@ class DenseMethod(PretrainMethod):
             return feature_map(self.backbone, view)
         return as_feature_map(self.backbone, rows)
 
-    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         views, geoms = batch["views"], batch.get("geoms")
         if len(views) < 2 or geoms is None or len(geoms) < 2:
             raise ValueError("the dense branch needs two global views and their geometries (batch['views'], batch['geoms'])")

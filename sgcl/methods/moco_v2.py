@@ -35,7 +35,7 @@ class MoCoV2(PretrainMethod):
         # the queue is kept identical on all ranks by all-gathered enqueues: DDP need not re-broadcast it
         self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_buffers() if n.startswith("queue.")]
 
-    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         x_q, x_k = batch["views"][0], batch["views"][1]
         h = self.backbone(x_q)
         q = F.normalize(self.head(h).float(), dim=1)

@@ -188,7 +188,7 @@ class SGCL(PretrainMethod):
             raise ValueError(f"the checkpoint used sgcl.bank={state['bank']!r}, this run sgcl.bank={self.cfg.sgcl.bank!r}")
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         if self.num_patches == 0:
             raise RuntimeError("SGCL.on_train_start(meta) must be called before the first forward")
         if self.queue_mode:
@@ -209,7 +209,7 @@ class SGCL(PretrainMethod):
             u = F.normalize(self.head(self.backbone(local)).float(), dim=1)
         return q, hb, u
 
-    def _forward_memory(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def _forward_memory(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         s, cfg = self.cfg.sgcl, self.cfg
         idx = batch["index"].to(self.bank.weight.device).long()
         q, hb, u = self._encode(batch)
@@ -245,7 +245,7 @@ class SGCL(PretrainMethod):
         return out
 
     def _spatial_term(self, pos_sim: torch.Tensor, pos_mask: torch.Tensor, neg_sim: torch.Tensor,
-                      neg_mask: torch.Tensor, n: int, epoch: int, out: dict) -> torch.Tensor:
+                      neg_mask: torch.Tensor, n: int, epoch: float, out: dict) -> torch.Tensor:
         """λ·w(e)·L_sp (the multi-positive loss over spatial + semantic positives), logging its parts in ``out``.
 
         The gradient flows into the query through ``pos_sim`` and ``neg_sim`` (the sets themselves
@@ -334,7 +334,7 @@ class SGCL(PretrainMethod):
         return pos_idx, pos_mask, diag
 
     # ----------------------------------------------------------- queue mode
-    def _forward_queue(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def _forward_queue(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         s, cfg = self.cfg.sgcl, self.cfg
         assert self.key_encoder is not None
         if len(batch["views"]) < 2:

@@ -23,7 +23,7 @@ class SimCLR(PretrainMethod):
         self.head = make_head(cfg, num_features(backbone))
         self.recent = RecentRows()
 
-    def forward(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:
         x1, x2 = batch["views"][0], batch["views"][1]
         b = x1.shape[0]
         h = self.backbone(torch.cat([x1, x2]))

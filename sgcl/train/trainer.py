@@ -355,7 +355,8 @@ class Trainer:
                 sync = contextlib.nullcontext() if (last_micro or self.dist.world_size == 1) else self.model.no_sync()
                 with sync:
                     with autocast():
-                        out = self.model(batch, epoch, self.global_step)
+                        # fractional epoch: ramps (SGCL's w(e)) move within an epoch, equal to the integer epoch at its start
+                        out = self.model(batch, epoch + micro / self.micro_per_epoch, self.global_step)
                     loss = out["loss"]
                     self._check_finite(loss, out)
                     self.scaler.scale(loss / accum).backward()

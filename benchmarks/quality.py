@@ -64,6 +64,12 @@ ROWS: dict[str, list[str] | None] = {
     "sgcl_no_inner": [*_SGCL, "method.sgcl.inner_term=false"],
     "sgcl_queue": [*_SGCL, "method.sgcl.bank=queue"],
     "sgcl_clean": [*_SGCL, "method.sgcl.denominator=clean"],
+    # investigation rows (docs/quality.md, "Why does SGCL's projection collapse?")
+    "sgcl_npid_only": [*_SGCL, "method.sgcl.intra_term=false", "method.sgcl.inter_term=false", "method.sgcl.inner_term=false"],
+    "sgcl_queue_no_inter": [*_SGCL, "method.sgcl.bank=queue", "method.sgcl.inter_term=false"],
+    "sgcl_npid_only_k400": [*_SGCL, "method.sgcl.intra_term=false", "method.sgcl.inter_term=false",
+                            "method.sgcl.inner_term=false", "method.sgcl.num_negatives=400"],
+    "sgcl_k400": [*_SGCL, "method.sgcl.num_negatives=400"],
     "sgcl_scale_rho4": [*_SGCL, *_SCALE],
     "sgcl_dense_uniform": [*_SGCL, *_DENSE, "method.dense.sampler=uniform"],
     "sgcl_dense_arco_sag": [*_SGCL, *_DENSE, "method.dense.sampler=arco_sag"],
@@ -97,7 +103,7 @@ class Budget:
 BUDGETS = {
     "quick": Budget(backbone="resnet18", size=48, batch=16, steps=4, queue=64, nei_k=8, clusters=4, dense_anchors=2,
                     workers=0, seg="quick"),
-    "cpu": Budget(steps=600),
+    "cpu": Budget(batch=64, steps=150, workers=1),
     "gpu": Budget(batch=128, steps=240, lr=0.06, queue=4096, precision="bf16", workers=2, seg="gpu"),
 }
 SEG_BUDGETS = {
@@ -170,7 +176,7 @@ def common_overrides(b: Budget, h5_dir: Path, run: Path, seed: int, n_patches: i
         f"method.dense.n_anchors={b.dense_anchors}", "method.dense.igu_cache=8192",  # every patch's entropy map stays cached
         "optim.name=sgd", f"optim.lr={b.lr}", "optim.warmup_epochs=0", f"train.max_steps={b.steps}",
         "train.epochs=100000", f"train.seed={seed}", f"train.device={device}", f"train.precision={b.precision}",
-        "train.progress=false", "train.log_every=25", f"train.health_every={max(25, b.steps // 20)}",
+        "train.progress=false", "train.log_every=25", f"train.health_every={max(10, b.steps // 20)}",
         f"train.ckpt_every={max(100, b.steps // 4)}", f"train.out_dir={run}",
     ]
 

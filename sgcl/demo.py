@@ -5,7 +5,10 @@ SGCL, MoCo v2 and the same backbone at random initialisation -> label-free evalu
 retrieval with bootstrap CIs, feature maps on the slide) -> one HTML report linking everything.
 
 The demo slide has no labels, and the demo invents none: it reports spatial retrieval (for each
-patch, the fraction of its k nearest feature-space neighbours that are its spatial neighbours).
+patch, the fraction of its k nearest feature-space neighbours that are its spatial neighbours). When
+a labelled patch set is at hand (default: the CRC-VAL-HE-7K sample of ``../shared/data``; any
+``<class>/*.jpg`` folder), the report adds a labelled check: cross-validated kNN and linear-probe
+balanced accuracy of every encoder (``evaluation.crossval``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class DemoConfig:
     device: str = "auto"                  # auto: a GPU when present, else the CPU
     knn_k: int = 8                        # neighbours for spatial retrieval
     radius: float = 1.5                   # grid cells that count as spatial neighbours (8-neighbourhood)
+    labelled_dir: str = "../shared/data/patches/crc-val-he-7k-sample"  # <class>/* images for the labelled check ("" = skip)
+    labelled_mpp: float = 0.5             # µm/px of those images (resized to target_mpp)
     seed: int = 0
 
 
@@ -101,7 +106,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             exports[name] = run_dir / "export"
         finally:
             trainer.close()
-        curves[name] = _loss_curve(run_dir / "metrics.csv")
+        curves[name] = {"rows": _metric_rows(run_dir / "metrics.jsonl"),
+                        "negatives": pcfg.method.moco.queue_size if name == "moco_v2" else pcfg.method.sgcl.num_negatives}
         timings[f"pretrain_{name}_s"] = time.perf_counter() - t0
 
     # 3. feature export ------------------------------------------------------------------------------
@@ -120,8 +126,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         feats[name] = _load_features(out / "features" / name / "h5_files")
         timings[f"extract_{name}_s"] = time.perf_counter() - t0
 
-    # 4. label-free evaluation -------------------------------------------------------------------------
-    t0 = _step("4/4 evaluation: spatial retrieval", log)
+    # 4. evaluation -----------------------------------------------------------------------------------------
+    t0 = _step("4/4 evaluation: spatial retrieval and the labelled check", log)
     results: dict = {"config": to_dict(cfg), "encoders": {}}
     for name, f in feats.items():
         r = spatial_retrieval(torch.as_tensor(f["features"]), torch.as_tensor(f["slide"]), torch.as_tensor(f["grid"]),
@@ -133,6 +139,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         results["encoders"][name] = {**r, "precision_ci95": [lo, hi], "encoder": encoders[name]}
         log(f"  {name:<12} spatial retrieval precision@{r['k']} = {r['precision']:.3f} "
             f"[{lo:.3f}, {hi:.3f}]  (chance {r['chance']:.3f})")
+    results["labelled"] = _labelled_check(cfg, encoders, log)
     plots = _plots(out, curves, results, feats)
     timings["evaluation_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
@@ -144,15 +151,48 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     return results
 
 
-def _loss_curve(csv_path: Path) -> list[tuple[int, float]]:
-    import pandas as pd
+def _metric_rows(path: Path) -> list[dict]:
+    """The rows the trainer logged (``metrics.jsonl``)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    if not csv_path.is_file():
-        return []
-    df = pd.read_csv(csv_path)
-    if "loss" not in df or "step" not in df:
-        return []
-    return list(zip(df["step"].astype(int).tolist(), df["loss"].astype(float).tolist()))
+
+def _labelled_check(cfg: DemoConfig, encoders: dict[str, str], log) -> dict:
+    """Cross-validated kNN and linear-probe balanced accuracy of every encoder on a labelled patch set
+    (split by tile: the sample's file names carry no patient id). Skipped, with the reason, when the
+    set is absent."""
+    import cv2
+
+    from evaluation.crossval import crossval_scores
+    from evaluation.embedding import embed_dataset, load_encoder
+    from evaluation.labels import from_class_folders, read_image
+
+    folder = Path(_resolve(cfg.labelled_dir)) if cfg.labelled_dir else None
+    if folder is None or not folder.is_dir():
+        why = f"no labelled set at {cfg.labelled_dir!r} (pass labelled_dir=<folder of class folders>)"
+        log(f"  labelled check skipped: {why}")
+        return {"skipped": why}
+    lset = from_class_folders(folder)
+    scale = cfg.labelled_mpp / cfg.target_mpp
+    images = []
+    for item in lset.items:
+        img = read_image(item[1])
+        if abs(scale - 1) > 1e-3:
+            img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        images.append(img)
+    labels, names = lset.label_indices(), lset.classes
+    tiles = [Path(item[1]).name for item in lset.items]
+    out: dict = {"set": str(folder), "items": len(images), "classes": names, "split": "5 folds of tiles (no patient id)"}
+    for name, spec in encoders.items():
+        enc = load_encoder(spec, input_size=max(images[0].shape[:2]))
+        feats = embed_dataset(enc, images, batch_size=32, num_workers=0, device=cfg.device, precision="fp32")
+        r = crossval_scores(feats, labels, tiles, names, name=folder.name, seed=cfg.seed, n_boot=500)
+        out[name] = {probe: r[probe]["balanced_accuracy"] for probe in ("knn", "linear")}
+        out["chance"] = r["chance"]
+        log(f"  {name:<12} labelled check ({folder.name}): kNN balanced accuracy {out[name]['knn']['value']:.3f}, "
+            f"linear {out[name]['linear']['value']:.3f} (chance {r['chance']:.3f})")
+    return out
 
 
 def _load_features(folder: Path) -> dict:
@@ -177,14 +217,9 @@ def _plots(out: Path, curves: dict, results: dict, feats: dict) -> dict[str, str
 
     from evaluation.reports import save_figure
 
-    plots = {}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, pts in curves.items():
-        if pts:
-            steps, losses = zip(*pts)
-            ax.plot(steps, losses, label=name)
-    ax.set_xlabel("step"); ax.set_ylabel("training loss"); ax.set_title("Pretraining loss"); ax.legend()
-    plots["loss_curves"] = save_figure(fig, out / "loss_curves.png").name
+    plots = {"training_curves": _training_curves(out, curves)}
+    if "skipped" not in results["labelled"]:
+        plots["labelled_check"] = _labelled_plot(out, results["labelled"])
 
     names = list(results["encoders"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -213,6 +248,81 @@ def _plots(out: Path, curves: dict, results: dict, feats: dict) -> dict[str, str
     return plots
 
 
+#: InfoNCE-type terms whose chance level is ln(1 + negatives): (method, logged key, label)
+INSTANCE_TERMS = [("moco_v2", "loss", "MoCo v2 InfoNCE"), ("sgcl", "loss_single", "SGCL self (NPID)"),
+                  ("sgcl", "loss_mcrop", "SGCL quadrants (NPID)")]
+
+
+def _training_curves(out: Path, curves: dict) -> str:
+    """Left: each instance term over its chance level ln(1 + K) (below 1 = the encoder tells patches
+    apart). Middle: SGCL's spatial term. Right: the spread of the bank/queue rows and backbone
+    features (mean cosine of random pairs; → 1 is collapse)."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from evaluation.reports import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for method, key, label in INSTANCE_TERMS:
+        rows = [r for r in curves.get(method, {}).get("rows", []) if key in r]
+        if rows:
+            chance = math.log(1 + curves[method]["negatives"])
+            axes[0].plot([r["step"] for r in rows], [r[key] / chance for r in rows], label=label)
+    axes[0].axhline(1.0, color="k", ls="--", lw=1)
+    axes[0].set_title("instance terms / chance level ln(1+K)"); axes[0].set_xlabel("step"); axes[0].legend(fontsize=8)
+    rows = [r for r in curves.get("sgcl", {}).get("rows", []) if "loss_spatial_raw" in r]
+    if rows:
+        axes[1].plot([r["step"] for r in rows], [r["loss_spatial_raw"] for r in rows], label="L_sp (unweighted)")
+        axes[1].plot([r["step"] for r in rows], [r["ramp_weight"] * max(r["loss_spatial_raw"] for r in rows) for r in rows],
+                     ":", label="ramp weight (scaled)")
+        axes[1].legend(fontsize=8)
+    axes[1].set_title("SGCL spatial/semantic term"); axes[1].set_xlabel("step")
+    for method, style in (("sgcl", "-"), ("moco_v2", "--")):
+        for r_name in ("bank", "queue", "embedding", "backbone"):
+            rows = [r for r in curves.get(method, {}).get("rows", []) if f"health/{r_name}_mean_cos" in r]
+            if rows:
+                axes[2].plot([r["step"] for r in rows], [r[f"health/{r_name}_mean_cos"] for r in rows], style,
+                             label=f"{method} {r_name}")
+    axes[2].set_ylim(0, 1.02); axes[2].set_title("spread: mean cosine of random pairs (1 = collapse)")
+    axes[2].set_xlabel("step"); axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out / "training_curves.png").name
+
+
+def _labelled_plot(out: Path, lab: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    from evaluation.reports import save_figure
+
+    names = [k for k in lab if isinstance(lab[k], dict) and "knn" in lab[k]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(names))
+    for i, (probe, colour) in enumerate((("knn", "#1f77b4"), ("linear", "#ff7f0e"))):
+        v = np.array([lab[n][probe]["value"] for n in names])
+        err = np.array([[v[j] - lab[n][probe]["low"], lab[n][probe]["high"] - v[j]] for j, n in enumerate(names)]).T
+        ax.bar(x + (i - 0.5) * 0.38, v, 0.38, yerr=np.maximum(err, 0), capsize=3, color=colour, label=probe)
+    ax.axhline(lab["chance"], color="k", ls="--", lw=1, label="chance")
+    ax.set_xticks(x, names); ax.set_ylabel("balanced accuracy"); ax.legend(fontsize=8)
+    ax.set_title(f"Labelled check: {Path(lab['set']).name} (95% CI)")
+    return save_figure(fig, out / "labelled_check.png").name
+
+
+def _labelled_html(lab: dict, plots: dict[str, str]) -> str:
+    if "skipped" in lab:
+        return f"<h2>Labelled check</h2><p>Skipped: {html.escape(lab['skipped'])}.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td>" + "".join(
+            f"<td>{lab[n][p]['value']:.3f} [{lab[n][p]['low']:.3f}, {lab[n][p]['high']:.3f}]</td>" for p in ("knn", "linear"))
+        + "</tr>" for n in lab if isinstance(lab[n], dict) and "knn" in lab[n])
+    return (f"<h2>Labelled check</h2><p>{lab['items']} labelled tiles of <code>{html.escape(lab['set'])}</code> "
+            f"({len(lab['classes'])} classes), embedded by each encoder and scored by cross-validated kNN and linear "
+            f"probe ({html.escape(lab['split'])}; hyper-parameters chosen inside the training folds). Chance "
+            f"{lab['chance']:.3f}. One seed and a few minutes of CPU pretraining: a direction, not a benchmark.</p>"
+            f"<table><tr><th>encoder</th><th>kNN balanced accuracy [95% CI]</th><th>linear probe</th></tr>{rows}</table>"
+            f"<img src=\"{plots['labelled_check']}\">")
+
+
 def _report(out: Path, results: dict, plots: dict[str, str]) -> Path:
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{r['precision']:.3f}</td><td>[{r['precision_ci95'][0]:.3f}, "
@@ -229,12 +339,22 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}img{{max-width:100%}}</style></hea
 {results['config']['patch_size']} px at {results['config']['target_mpp']} µm/px.
 <a href="tiles/index.html">Tiling QC page</a> · <a href="results.json">results.json</a> ·
 MIL features: <code>features/&lt;encoder&gt;/h5_files</code>, <code>pt_files</code>.</p>
-<h2>Pretraining</h2><img src="{plots['loss_curves']}">
+<h2>Pretraining</h2>
+<p>The total training loss is not the curve to watch. Every instance term (MoCo v2's InfoNCE, SGCL's NPID self
+and quadrant terms) starts <em>below</em> its chance level ln(1 + K): the queue or memory bank starts as random
+vectors, which are easy negatives. It rises to chance while the queue/bank fills with features of real patches,
+which an untrained encoder maps close together, and only then falls as the encoder learns to tell patches apart.
+SGCL's total is the sum of three such terms plus the ramped spatial term, so it is about three times MoCo's and
+steps up as the ramp weight grows and the bank is refreshed each epoch. The left panel puts each term over its
+chance level; the right panel shows the spread of the bank/queue rows and of the backbone features: a mean cosine
+of random pairs near 1 is a collapse (the trainer also warns in its log and writes <code>health.json</code>).</p>
+<img src="{plots['training_curves']}">
+{_labelled_html(results['labelled'], plots)}
 <h2>Spatial retrieval (label-free)</h2>
 <p>For each patch, the fraction of its {results['config']['knn_k']} nearest neighbours in feature space that are
-its spatial neighbours on the slide (grid distance ≤ {results['config']['radius']}). The demo slide carries no labels,
-so no classification accuracy is reported. A tiny budget on one small slide: read it as a pipeline check and a
-direction, not a benchmark.</p>
+its spatial neighbours on the slide (grid distance ≤ {results['config']['radius']}). A tiny budget on one small
+slide: read it as a pipeline check and a direction, not a benchmark (docs/quality.md has the measured
+comparison).</p>
 <table><tr><th>encoder</th><th>precision@k</th><th>95% CI</th><th>normalised</th><th>chance</th></tr>{rows}</table>
 <img src="{plots['spatial_retrieval']}"><img src="{plots['feature_maps']}">
 <h2>Timings (s)</h2><table>{timing_rows}</table></body></html>"""

@@ -31,5 +31,15 @@ def test_demo_pipeline_on_shipped_slide(tmp_path, demo_slide):
         assert 0 < r["chance"] < r["precision"] + 0.5
     assert saved["encoders"]["sgcl"]["precision"] != saved["encoders"]["random_init"]["precision"]
     page = (out / "report.html").read_text()
-    for link in ("tiles/index.html", "loss_curves.png", "spatial_retrieval.png", "feature_maps.png"):
+    for link in ("tiles/index.html", "training_curves.png", "spatial_retrieval.png", "feature_maps.png"):
         assert link in page and (out / link).is_file()
+    # the labelled check: every encoder scored on the shared labelled set (or a stated skip without it)
+    lab = saved["labelled"]
+    if "skipped" in lab:
+        assert "Skipped" in page
+    else:
+        assert "labelled_check.png" in page and (out / "labelled_check.png").is_file()
+        for name in ("random_init", "sgcl"):
+            knn = lab[name]["knn"]
+            assert 0 <= knn["low"] <= knn["value"] <= knn["high"] <= 1
+        assert lab["items"] == 70 and len(lab["classes"]) == 7

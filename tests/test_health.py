@@ -89,5 +89,5 @@ def test_trainer_logs_health_and_writes_health_json(tmp_path):
         for key in (f"health/{bank}_mean_cos", f"health/{bank}_eff_rank", "health/backbone_dim_std"):
             assert key in logged[2] and math.isfinite(logged[2][key]), key
         health = json.loads((out / "health.json").read_text())
-        assert health["step"] == 3 and {bank, "backbone"} <= set(health["rows"])
+        assert health["step"] == 3 and {bank, "embedding", "backbone"} <= set(health["rows"])
         assert health["rows"]["backbone"]["n"] >= 32

@@ -44,6 +44,7 @@ class MoCoV2(PretrainMethod):
             loss = info_nce(q, k, self.queue.keys.detach(), self.cfg.tau_head)
         if self.training:
             self._pending.append((k.detach(), batch["index"].detach()))
+            self.recent.add("embedding", q)
             self.recent.add("backbone", h)
         with torch.no_grad():
             pos = (q * k).sum(1).mean()
@@ -52,9 +53,10 @@ class MoCoV2(PretrainMethod):
 
     def representation_rows(self) -> dict[str, torch.Tensor]:
         rows = {"queue": self.queue.keys[self.queue.valid()]}
-        recent = self.recent.get("backbone")
-        if recent is not None:
-            rows["backbone"] = recent
+        for name in ("embedding", "backbone"):
+            recent = self.recent.get(name)
+            if recent is not None:
+                rows[name] = recent
         return rows
 
     @torch.no_grad()

@@ -240,6 +240,7 @@ class SGCL(PretrainMethod):
             if self.training:
                 self._pending.append({"index": idx.detach(), "q": q.detach(), "hb": hb.detach(), "u": None if u is None else u.detach()})
                 self.recent.add("index", idx.unsqueeze(1))
+                self.recent.add("embedding", q)
                 self.recent.add("backbone", hb)
             out["loss"] = loss
         return out
@@ -385,6 +386,7 @@ class SGCL(PretrainMethod):
                 out["loss_mcrop"] = l_m.detach()
             if self.training:
                 self._pending.append({"index": idx, "k": k, "hk": hk, "slide": slide, "grid": grid})
+                self.recent.add("embedding", q)
                 self.recent.add("backbone", hb)
             out["loss"] = loss
         return out
@@ -435,8 +437,8 @@ class SGCL(PretrainMethod):
 
     def representation_rows(self) -> dict[str, torch.Tensor]:
         """Queue mode: the filled queue slots; memory mode: the bank rows of recently visited
-        patches (rows never visited still hold their random initialisation); plus recent
-        backbone features."""
+        patches (what the losses compare with; early on they still hold part of their random
+        initialisation); plus the recent queries (``embedding``) and backbone features."""
         rows: dict[str, torch.Tensor] = {}
         if self.queue_mode:
             rows["queue"] = self.queue.keys[self.queue.valid()]
@@ -444,9 +446,10 @@ class SGCL(PretrainMethod):
             seen = self.recent.get("index")
             if seen is not None:
                 rows["bank"] = self.bank.rows(torch.unique(seen.long().flatten()))
-        recent = self.recent.get("backbone")
-        if recent is not None:
-            rows["backbone"] = recent
+        for name in ("embedding", "backbone"):
+            recent = self.recent.get(name)
+            if recent is not None:
+                rows[name] = recent
         return rows
 
     # ------------------------------------------------------------ after step

@@ -267,11 +267,11 @@ def test_mining_within_a_random_pool_still_excludes_and_stays_in_range(mode):
 
 
 def test_faithful_constant_turns_lsp_into_pure_attraction_and_rewards_collapse():
-    """Why SGCL's projection collapsed once L_sp had a gradient (docs/quality.md): with the
-    reference's constant C = N − |P| (N = 4,371 patches, T = 0.07), at cosine ≈ 0 the mined
-    negatives get ~1.4 % of the positives' gradient, so L_sp only pulls queries towards their
-    positives; and moving *every* similarity to 1 lowers the faithful loss by ~4 nats, while the
-    clean loss (C = 0) is the same at both points and pushes negatives as hard as it pulls positives."""
+    """A property of the reference's constant C = N − |P| (docs/sgcl_method.md, "Projection
+    collapse"): at N = 4,371 patches, T = 0.07 and cosines ≈ 0 the mined negatives get ~1.4 % of the
+    positives' gradient, so L_sp only pulls queries towards their positives; and moving *every*
+    similarity to 1 lowers the faithful loss by ~4 nats, while the clean loss (C = 0) is the same at
+    both points and pushes negatives as hard as it pulls positives."""
     n_pos, n_neg, T, N = 16, 64, 0.07, 4371
     grads = {}
     for mode in ("faithful", "clean"):

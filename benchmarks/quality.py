@@ -1,9 +1,15 @@
 """Does the pretraining method learn what the paper says? Every method at the same budget on real
 unlabelled patches, several seeds, scored on real labelled data (issue 9).
 
-    python benchmarks/quality.py --out runs/quality --budget cpu             # 2-core CPU (hours)
-    python benchmarks/quality.py --out runs/quality --budget gpu --device cuda --parallel 6
-    python benchmarks/quality.py --out runs/quality_quick --quick            # pipeline check (CI, < 3 min)
+    python benchmarks/quality.py --out runs/quality_quick --quick            # pipeline check (CI, ~1 min)
+    python benchmarks/quality.py --out runs/quality --budget gpu --steps 200 --device cuda --parallel 5 --eval-parallel 8
+    python benchmarks/quality.py --out runs/quality --budget gpu_long --device cuda --parallel 5 --eval-parallel 8
+    python benchmarks/quality.py --out runs/quality --budget cpu --no-seg    # ~40 min per SGCL run on 2 CPU cores
+
+Budgets (:data:`BUDGETS`): ``quick`` (CI), ``cpu`` (batch 64, 150 steps), ``gpu`` (batch 128; the
+figures of docs/quality.md used ``--steps 200``), ``gpu_long`` (2,000 steps, K ≪ N, the reference
+learning rate: the next run docs/quality.md asks for). ``benchmarks/quality_gpu.sh`` runs it on a lent
+GPU machine without network or ``../shared``.
 
 1. **Pretraining data** (real, unlabelled, ``../shared/data``): both shared slides, the 60
    osteosarcoma images tiled as small slides, and the other shared H&E images, tiled by the tiling
@@ -104,9 +110,12 @@ BUDGETS = {
     "quick": Budget(backbone="resnet18", size=48, batch=16, steps=4, queue=64, nei_k=8, clusters=4, dense_anchors=2,
                     workers=0, seg="quick"),
     "cpu": Budget(batch=64, steps=150, workers=1),
+    # the budget of docs/quality.md's figures (run with --steps 200)
     "gpu": Budget(batch=128, steps=240, lr=0.06, queue=4096, precision="bf16", workers=2, seg="gpu"),
+    # the next run docs/quality.md asks for: 10x the steps, K << N, the reference learning rate
+    "gpu_long": Budget(batch=128, steps=2000, lr=0.03, queue=1024, precision="bf16", workers=2, seg="gpu"),
 }
-SEG_BUDGETS = {
+SEG_BUDGETS = {  # quality_eval.segmentation_scores budgets (keys of its DEFAULT_SEG_BUDGET)
     "quick": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "patch_size": 64, "overlap": 0.0},
     "cpu": {},  # quality_eval.DEFAULT_SEG_BUDGET
     "gpu": {"threads": 2},  # the CPU budget's fine-tuning, on the GPU (several evaluations share the CPU cores)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from conftest import shared_path
 from sgcl.config import load_config
@@ -18,22 +17,9 @@ from sgcl.methods.dense import DenseBranch, DenseConfig, DenseMethod, feature_ma
 from sgcl.train.config import PretrainConfig
 from sgcl.train.trainer import build_sample_transform
 from sgcl.transforms.geometry import correspondence
-from test_dense import brute_force_pixel_nce
+from test_dense import TinyNet, brute_force_pixel_nce
 
 SAMPLERS = ["uniform", "arco_sg", "arco_sag", "igu"]
-
-
-class TinyNet(nn.Module):
-    """Stride-4 conv net with a timm-like ``forward_features`` (48-px views -> 12 x 12 maps)."""
-
-    num_features = 32
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1))
-
-    def forward_features(self, x):
-        return self.body(x)
 
 
 class NoBaseLoss(PretrainMethod):

@@ -19,10 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _tiny_nets import TinyGN, grid_dataset, make_batch
+from _tiny_nets import TinyGN, make_batch
 from conftest import shared_path
 from sgcl.methods import MethodConfig, build_method
 from sgcl.methods.base import DatasetMeta
+from test_methods import small_cfg, started as start
 
 torch.set_num_threads(1)
 
@@ -31,24 +32,8 @@ SGCL_TERMS = {"self_term": "loss_single", "intra_term": "loss_spatial_raw", "int
 
 
 def only(term: str, bank: str = "memory", **extra) -> MethodConfig:
-    """An SGCL config with a single term switched on (small sizes, no ramp)."""
-    cfg = MethodConfig(name="sgcl", proj_dim=16, proj_hidden_dim=32)
-    cfg.moco.queue_size = 48
-    s = cfg.sgcl
-    s.bank, s.num_negatives, s.nei_k, s.kmeans_clusters, s.rampup_epochs = bank, 32, 16, 6, 0.0
-    for t in SGCL_TERMS:
-        setattr(s, t, t == term)
-    for k, v in extra.items():
-        setattr(s, k, v)
-    return cfg
-
-
-def start(cfg: MethodConfig, n_slides: int = 2, side: int = 6, seed: int = 0):
-    torch.manual_seed(seed)
-    slide_of, grid_of = grid_dataset(n_slides, side)
-    method = build_method(cfg, TinyGN())
-    method.on_train_start(DatasetMeta(len(slide_of), n_slides, slide_of, grid_of))
-    return method, slide_of, grid_of
+    """An SGCL config (test_methods' small sizes) with a single term switched on and no ramp."""
+    return small_cfg(**{"bank": bank, "rampup_epochs": 0.0, **{t: t == term for t in SGCL_TERMS}, **extra})
 
 
 def twin_bank(method, n: int) -> None:

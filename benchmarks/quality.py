@@ -194,9 +194,12 @@ def pretrain_job(row: str, seed: int, overrides: list[str], run: Path, threads: 
     """One ``sgcl pretrain`` subprocess (reused when its export exists). Returns timing and health."""
     export = run / "export"
     t0 = time.perf_counter()
+    recorded = run / "overrides.txt"
+    if recorded.is_file() and recorded.read_text() != "\n".join(overrides) + "\n":
+        raise RuntimeError(f"{run} holds a run with other settings ({recorded}); pass another --out or delete {run}")
     if not (export / "backbone.json").is_file():
         run.mkdir(parents=True, exist_ok=True)
-        (run / "overrides.txt").write_text("\n".join(overrides) + "\n")
+        recorded.write_text("\n".join(overrides) + "\n")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with open(run / "pretrain.log", "w") as fh:

@@ -25,7 +25,7 @@ GPU machine without network or ``../shared``.
    end-of-run training health of every pretraining run.
 4. **Aggregation**: per row and metric the mean ± std over seeds and a 95 % bootstrap CI of the
    seed mean (groups resampled once per replicate for all seeds); paired differences of every row
-   against MoCo v2 and random init on the same resamples.
+   against MoCo v2 and random init, and of every SGCL variant against SGCL, on the same resamples.
 
 Outputs in ``--out``: ``quality.json`` (everything), ``quality.csv`` (one line per row × metric),
 ``quality.md`` (the tables), ``quality.png`` (error bars). Finished pretraining runs and evaluations
@@ -82,6 +82,7 @@ ROWS: dict[str, list[str] | None] = {
     "sgcl_dense_igu": [*_SGCL, *_DENSE, "method.dense.sampler=igu"],
 }
 REFERENCES = ("moco_v2", "random_init")
+VARIANT_REFERENCE = "sgcl"  # every SGCL variant (ablation, scale, dense, queue) is also paired with SGCL itself
 CLASSIFICATION = ("crc7k", "kather2016", "osteosarcoma")
 SEG_FRACTIONS = (0.1, 1.0)
 
@@ -354,20 +355,25 @@ def aggregate(evals: dict[str, dict[int, dict]], tasks_meta: dict, n_boot: int, 
             replicates[(r, metric)] = reps
             summary[r][metric] = _stats([s["dice_per_image"]["value"] for s in segs], reps)
     diffs: dict[str, dict] = {}
-    for ref in REFERENCES:
-        if ref not in rows:
-            continue
-        for r in rows:
-            if r == ref or (r in REFERENCES and REFERENCES.index(r) > REFERENCES.index(ref)):
-                continue  # (random init - MoCo v2 would repeat MoCo v2 - random init)
-            for metric in summary[r]:
-                if (ref, metric) in replicates and metric in summary[ref]:
-                    d = replicates[(r, metric)] - replicates[(ref, metric)]
-                    diffs.setdefault(f"{r} - {ref}", {})[metric] = {
-                        "value": summary[r][metric]["mean"] - summary[ref][metric]["mean"],
-                        "low": float(np.quantile(d, 0.025)), "high": float(np.quantile(d, 0.975)),
-                        "p_le_0": float((d <= 0).mean())}
+    for r, ref in difference_pairs(rows):
+        for metric in summary[r]:
+            if (ref, metric) in replicates and metric in summary[ref]:
+                d = replicates[(r, metric)] - replicates[(ref, metric)]
+                diffs.setdefault(f"{r} - {ref}", {})[metric] = {
+                    "value": summary[r][metric]["mean"] - summary[ref][metric]["mean"],
+                    "low": float(np.quantile(d, 0.025)), "high": float(np.quantile(d, 0.975)),
+                    "p_le_0": float((d <= 0).mean())}
     return {"rows": summary, "differences": diffs}
+
+
+def difference_pairs(rows: list[str]) -> list[tuple[str, str]]:
+    """(row, reference) pairs to compare: every row against each of :data:`REFERENCES` present (once per
+    pair of references), and every SGCL variant against SGCL (what each term or option costs)."""
+    pairs = [(r, ref) for ref in REFERENCES if ref in rows for r in rows
+             if r != ref and not (r in REFERENCES and REFERENCES.index(r) > REFERENCES.index(ref))]
+    if VARIANT_REFERENCE in rows:
+        pairs += [(r, VARIANT_REFERENCE) for r in rows if r.startswith(VARIANT_REFERENCE + "_")]
+    return pairs
 
 
 def _stats(values: list[float], reps: np.ndarray) -> dict:

@@ -53,3 +53,13 @@ def test_quick_benchmark_end_to_end(tmp_path):
     before = (out / "eval" / "sgcl_s0.json").stat().st_mtime
     assert main(["--quick", "--out", str(out), "--parallel", "1"]) == 0
     assert (out / "eval" / "sgcl_s0.json").stat().st_mtime == before
+
+
+def test_difference_pairs_cover_references_and_sgcl_variants():
+    from quality import difference_pairs
+
+    pairs = difference_pairs(["random_init", "moco_v2", "sgcl", "sgcl_no_intra", "sgcl_scale_rho4"])
+    assert ("moco_v2", "random_init") in pairs and ("random_init", "moco_v2") not in pairs
+    assert {("sgcl_no_intra", "sgcl"), ("sgcl_scale_rho4", "sgcl"), ("sgcl", "moco_v2")} <= set(pairs)
+    assert not any(ref == "sgcl" and r in ("moco_v2", "random_init", "sgcl") for r, ref in pairs)
+    assert difference_pairs(["moco_v2", "sgcl_no_intra"]) == [("sgcl_no_intra", "moco_v2")]

@@ -147,6 +147,19 @@ def nct_crops(crops: int, crop_size: int, seed: int) -> dict:
 
 # -- pretraining -----------------------------------------------------------------------------------------
 
+def logged_train_seconds(run: Path) -> float | None:
+    """The training wall time the trainer logged (``elapsed_s`` of the last row of ``metrics.jsonl``), so
+    a reused run reports the time it took when it was trained."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    seconds = None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            seconds = json.loads(line).get("elapsed_s", seconds)
+    return seconds
+
+
 def pretrain(name: str, args, h5_dir: Path, n_patches: int) -> str:
     """Train ``name`` in-process with the shared budget; returns its export folder (reused when present)."""
     from sgcl.config import load_config
@@ -265,13 +278,12 @@ def evaluate_encoder(name: str, args, h5_dir: Path, patches: SlidePatches, nct: 
     """Pretrain ``name`` (unless random init), then compute every metric; returns the encoder's row."""
     from evaluation.embedding import embed_dataset, load_encoder
 
-    t0 = time.perf_counter()
     if ENCODERS[name] is None:
         spec, train_s = args.backbone, 0.0
     else:
         log(f"== pretraining {name} ({args.steps} steps, batch {args.batch}, {args.size} px, {args.backbone})")
         spec = pretrain(name, args, h5_dir, len(patches))
-        train_s = time.perf_counter() - t0
+        train_s = logged_train_seconds(args.out / "pretrain" / name) or float("nan")
     t = [time.perf_counter()]
     enc = load_encoder(spec, input_size=args.size)
     slide_feats = embed_dataset(enc, patches, batch_size=64, num_workers=0, device="cpu", precision="fp32")

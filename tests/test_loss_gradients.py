@@ -213,7 +213,7 @@ def test_moco_and_simclr_values_equal_brute_force():
     expected = np.mean([-math.log(math.exp(float(q[i] @ k[i]) / tau)
                                   / (math.exp(float(q[i] @ k[i]) / tau) + sum(math.exp(float(q[i] @ v) / tau) for v in queue)))
                         for i in range(6)])
-    assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
 
     cfg = MethodConfig(name="simclr", proj_dim=16, proj_hidden_dim=32)
     method, slide_of, grid_of = start(cfg)
@@ -227,7 +227,7 @@ def test_moco_and_simclr_values_equal_brute_force():
         p = (a + b) % (2 * b)
         den = sum(math.exp(float(z[a] @ z[c]) / t) for c in range(2 * b) if c != a)
         terms.append(-math.log(math.exp(float(z[a] @ z[p]) / t) / den))
-    assert float(out["loss"]) == pytest.approx(np.mean(terms), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(np.mean(terms), rel=1e-5)
 
 
 # -------------------------------------------------------------------- finite differences

@@ -283,7 +283,7 @@ def evaluate_encoder(name: str, args, h5_dir: Path, patches: SlidePatches, nct: 
     else:
         log(f"== pretraining {name} ({args.steps} steps, batch {args.batch}, {args.size} px, {args.backbone})")
         spec = pretrain(name, args, h5_dir, len(patches))
-        train_s = logged_train_seconds(args.out / "pretrain" / name) or float("nan")
+        train_s = logged_train_seconds(args.out / "pretrain" / name)
     t = [time.perf_counter()]
     enc = load_encoder(spec, input_size=args.size)
     slide_feats = embed_dataset(enc, patches, batch_size=64, num_workers=0, device="cpu", precision="fp32")
@@ -294,7 +294,7 @@ def evaluate_encoder(name: str, args, h5_dir: Path, patches: SlidePatches, nct: 
     metrics["seg_dice"] = seg_metric(name, spec, task.root, args)
     t.append(time.perf_counter())
     row = {"encoder": spec, "weights_sha256": enc.info.get("sha256"), "metrics": metrics,
-           "pretrain_s": round(train_s, 1), "embed_s": round(t[1] - t[0], 1),
+           "pretrain_s": None if train_s is None else round(train_s, 1), "embed_s": round(t[1] - t[0], 1),
            "probe_s": round(t[2] - t[1], 1), "seg_s": round(t[3] - t[2], 1)}
     log("   " + "  ".join(f"{m} {metrics[m]['value']:.3f} [{metrics[m]['low']:.3f}, {metrics[m]['high']:.3f}]"
                           for m in METRICS))
@@ -362,7 +362,7 @@ def markdown_table(result: dict) -> str:
     for name, row in result["encoders"].items():
         cells = [f"{row['metrics'][m]['value']:.3f} [{row['metrics'][m]['low']:.3f}, {row['metrics'][m]['high']:.3f}]"
                  for m in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['pretrain_s']:.1f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if row['pretrain_s'] is None else format(row['pretrain_s'], '.1f')} |")
     for name, err in result.get("failed", {}).items():
         lines.append(f"| {name} | FAILED: {err[:80]} | | | | |")
     first = next(iter(result["encoders"].values()))["metrics"]

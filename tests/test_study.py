@@ -66,6 +66,7 @@ def test_quick_study_end_to_end(tmp_path):
             continue
         assert row["weights_sha256"] != ref["weights_sha256"], name
         assert row["encoder"].endswith("export"), row["encoder"]
+        assert row["pretrain_s"] > 0, name  # the trainer's logged time (kept when a run is reused)
         assert any(row["metrics"][m]["value"] != ref["metrics"][m]["value"] for m in study.METRICS), name
 
     with open(out / "study.csv") as fh:

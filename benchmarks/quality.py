@@ -230,11 +230,9 @@ def health_summary(per_seed: list[dict]) -> str:
 
 
 def _last_metrics(run: Path) -> dict:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines[-1] if lines else {}
+    from sgcl.train.logging import read_metric_rows
+
+    return (read_metric_rows(run) or [{}])[-1]
 
 
 def random_init_export(out: Path, backbone: str, seed: int) -> str:

@@ -150,14 +150,10 @@ def nct_crops(crops: int, crop_size: int, seed: int) -> dict:
 def logged_train_seconds(run: Path) -> float | None:
     """The training wall time the trainer logged (``elapsed_s`` of the last row of ``metrics.jsonl``), so
     a reused run reports the time it took when it was trained."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    seconds = None
-    for line in path.read_text().splitlines():
-        if line.strip():
-            seconds = json.loads(line).get("elapsed_s", seconds)
-    return seconds
+    from sgcl.train.logging import read_metric_rows
+
+    seconds = [row["elapsed_s"] for row in read_metric_rows(run) if "elapsed_s" in row]
+    return seconds[-1] if seconds else None
 
 
 def pretrain(name: str, args, h5_dir: Path, n_patches: int) -> str:

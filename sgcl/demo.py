@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sgcl.config import add_config_arguments, config_from_args, to_dict
+from sgcl.train.logging import read_metric_rows
 from sgcl.utils.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             exports[name] = run_dir / "export"
         finally:
             trainer.close()
-        curves[name] = {"rows": _metric_rows(run_dir / "metrics.jsonl"),
+        curves[name] = {"rows": read_metric_rows(run_dir),
                         "negatives": pcfg.method.moco.queue_size if name == "moco_v2" else pcfg.method.sgcl.num_negatives}
         timings[f"pretrain_{name}_s"] = time.perf_counter() - t0
 
@@ -149,13 +150,6 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     report = _report(out, results, plots)
     log(f"\nDone in {timings['total_s']:.0f} s. Open {report} in a browser.")
     return results
-
-
-def _metric_rows(path: Path) -> list[dict]:
-    """The rows the trainer logged (``metrics.jsonl``)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _labelled_check(cfg: DemoConfig, encoders: dict[str, str], log) -> dict:

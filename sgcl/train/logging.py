@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+def read_metric_rows(run_dir: str | Path) -> list[dict]:
+    """The rows a run logged (``<run_dir>/metrics.jsonl``, in order); empty when there is none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _scalar(v: Any) -> float | int | str:
     if hasattr(v, "item"):
         v = v.item()

@@ -40,7 +40,7 @@ setup(
         "psutil",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "shapely>=2.0"],  # shapely: tests/test_geojson.py only
         # TIAToolbox pins an older torch: install it in its own environment (see docs/install.md).
         "tia": ["tiatoolbox"],
     },

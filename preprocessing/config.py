@@ -40,6 +40,7 @@ class OutputConfig:
     jpeg_quality: int = 90
     gzip_level: int = 4
     qc: bool = True                  # per-slide QC PNG and the cohort index.html
+    geojson: bool = True             # per-slide tissue outlines, `geojson/<slide_id>.geojson` (level-0 px, QuPath annotations)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class TileConfig:
     shard: str = "0/1"               # i/n: process the i-th of n interleaved shards (cluster array jobs)
     overwrite: bool = False          # redo slides even when done with the same parameters
     slide_timeout_s: Optional[float] = None  # a slide still running after this many seconds is killed and marked failed
+    roi: Optional[str] = None        # GeoJSON file, or folder of `<slide_id>.geojson`: tile only inside its polygons
+    roi_exclude_class: str = "exclude"  # ROI features of this class (case-insensitive) are cut out
     patch: PatchConfig = field(default_factory=PatchConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

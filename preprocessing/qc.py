@@ -1,28 +1,40 @@
-"""Per-slide QC picture: thumbnail + tissue contour (green) + kept patch grid (blue) + a caption."""
+"""Per-slide QC picture: thumbnail + tissue contour (green) + ROI outlines (magenta; excluded regions
+orange) + kept patch grid (blue) + a caption."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from sgcl.utils.atomic import atomic_path
 
+if TYPE_CHECKING:
+    from .geojson import Roi
+
 TISSUE_COLOUR = (0, 170, 0)
 PATCH_COLOUR = (30, 60, 230)
+ROI_COLOUR = (230, 0, 230)
+ROI_EXCLUDE_COLOUR = (255, 140, 0)
 
 
 def render_qc(thumbnail: np.ndarray, level0_size: tuple[int, int], tissue_mask: np.ndarray | None,
-              coords: np.ndarray, patch_size_level0: float, caption: str) -> np.ndarray:
+              coords: np.ndarray, patch_size_level0: float, caption: str, roi: Roi | None = None) -> np.ndarray:
     """RGB picture of ``thumbnail`` (covering the whole slide) with the overlays and a caption bar."""
     img = np.ascontiguousarray(thumbnail.copy())
     th, tw = img.shape[:2]
     sx, sy = tw / level0_size[0], th / level0_size[1]
+    line = max(1, round(max(th, tw) / 500))
+    if roi is not None:
+        for polygons, colour in ((roi.include, ROI_COLOUR), (roi.exclude, ROI_EXCLUDE_COLOUR)):
+            rings = [np.round(r * (sx, sy)).astype(np.int32).reshape(-1, 1, 2) for poly in polygons for r in poly]
+            cv2.polylines(img, rings, True, colour, line + 1)
     if tissue_mask is not None and tissue_mask.any():
         m = cv2.resize(tissue_mask.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(img, contours, -1, TISSUE_COLOUR, max(1, round(max(th, tw) / 500)))
+        cv2.drawContours(img, contours, -1, TISSUE_COLOUR, line)
     for x, y in np.asarray(coords).reshape(-1, 2):
         p0 = (int(round(x * sx)), int(round(y * sy)))
         p1 = (int(round((x + patch_size_level0) * sx)) - 1, int(round((y + patch_size_level0) * sy)) - 1)
@@ -48,9 +60,9 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def write_qc_png(path: str | Path, thumbnail: np.ndarray, level0_size: tuple[int, int], tissue_mask: np.ndarray | None,
-                 coords: np.ndarray, patch_size_level0: float, caption: str) -> Path:
+                 coords: np.ndarray, patch_size_level0: float, caption: str, roi: Roi | None = None) -> Path:
     """Render and write the QC PNG atomically; returns its path."""
-    img = render_qc(thumbnail, level0_size, tissue_mask, coords, patch_size_level0, caption)
+    img = render_qc(thumbnail, level0_size, tissue_mask, coords, patch_size_level0, caption, roi)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"PNG encoding failed for {path}")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,11 +23,12 @@ import sgcl
 from sgcl.utils.atomic import atomic_path
 
 from .config import TileConfig
+from .geojson import Roi, RoiError, file_sha256, find_roi_file, load_roi, roi_mask, write_tissue_geojson
 from .grid import PatchGeometry, make_grid, plan_geometry, resize_patch, tissue_fractions
 from .h5format import FORMAT_VERSION, PatchWriter
 from .mpp import MppError, resolve_mpp
 from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
-from .tissue import background_fraction, detect_tissue
+from .tissue import TissueMask, background_fraction, detect_tissue
 
 TILER_VERSION = 1             # bump when a code change alters the output for the same parameters
 MAX_BAND_PIXELS = 1 << 21     # pixels per region read (≈ 8 MB RGBA): bounds peak memory
@@ -55,13 +56,15 @@ class SlideResult:
     qc_png: str | None
     warnings: list[str] = field(default_factory=list)
     params_hash: str = ""
+    geojson: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def params_hash(cfg: TileConfig, reader: str, mpp: float) -> str:
-    """Hash of everything that changes the patch file: patch/tissue/codec parameters, reader, µm/px, code version."""
+def params_hash(cfg: TileConfig, reader: str, mpp: float, roi_sha256: str | None = None) -> str:
+    """Hash of everything that changes the patch file: patch/tissue/codec parameters, reader, µm/px, code
+    version, and the ROI file's content + exclude class when the slide has one."""
     out = cfg.output
     codec = {"codec": out.codec}
     if out.codec == "jpeg":
@@ -72,21 +75,84 @@ def params_hash(cfg: TileConfig, reader: str, mpp: float) -> str:
         "tiler_version": TILER_VERSION, "format_version": FORMAT_VERSION, "reader": reader, "mpp": repr(float(mpp)),
         "patch": asdict(cfg.patch), "tissue": asdict(cfg.tissue), "output": codec,
     }
+    if roi_sha256 is not None:  # absent without an ROI, so hashes of slides tiled before ROIs existed stay valid
+        payload["roi"] = {"sha256": roi_sha256, "exclude_class": cfg.roi_exclude_class.strip().lower()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None) -> str:
+def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None, slide_id: str | None = None) -> str:
     """The ``params_hash`` that ``tile_slide`` would record for ``path`` (opens the header only, reads no
     pixels): a cohort runner compares it with an existing file's attr to decide skip vs redo.
-    Raises :class:`SlideError` like ``tile_slide`` for unopenable slides or a missing µm/px."""
+    Raises :class:`SlideError` like ``tile_slide`` for unopenable slides, a missing µm/px or ROI file."""
     path = Path(path)
+    roi_file = _roi_file(path, cfg, slide_id or path.stem)[0]
     reader = _open(path, cfg)
     try:
         try:
             mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
         except MppError as exc:
             raise SlideError(str(exc)) from exc
-        return params_hash(cfg, reader.name, mpp.value)
+        return params_hash(cfg, reader.name, mpp.value, file_sha256(roi_file) if roi_file else None)
+    finally:
+        reader.close()
+
+
+def _roi_file(path: Path, cfg: TileConfig, slide_id: str) -> tuple[Path | None, str | None]:
+    try:
+        return find_roi_file(cfg.roi, slide_id, path)
+    except RoiError as exc:
+        raise SlideError(f"{path}: {exc}") from exc
+
+
+def _load_roi(path: Path, cfg: TileConfig, slide_id: str, warnings: list[str]) -> Roi | None:
+    """The slide's ROI (``cfg.roi``: a GeoJSON file, or a folder of ``<slide_id>.geojson``), or ``None``."""
+    roi_file, warning = _roi_file(path, cfg, slide_id)
+    if warning:
+        warnings.append(warning)
+    if roi_file is None:
+        return None
+    try:
+        roi = load_roi(roi_file, cfg.roi_exclude_class)
+    except RoiError as exc:
+        raise SlideError(f"{path}: {exc}") from exc
+    warnings.extend(roi.warnings)
+    return roi
+
+
+def slide_tissue(reader: SlideReader, path: Path, mpp: float, cfg: TileConfig, roi: Roi | None,
+                 warnings: list[str]) -> TissueMask:
+    """The tissue mask of an open slide at ``tissue.detection_mpp``, restricted to ``roi`` when given."""
+    w0, h0 = reader.dimensions
+    det_ds = max(1.0, cfg.tissue.detection_mpp / mpp)
+    try:
+        low = reader.read_scaled(det_ds)
+    except SlideReadError as exc:
+        raise SlideError(f"{exc}. The file is probably corrupt or truncated: copy it again or re-export it") from exc
+    tissue = detect_tissue(low, mpp * w0 / low.shape[1], cfg.tissue, level0_size=(w0, h0))
+    if roi is not None:
+        inside = roi_mask(roi, tissue.mask.shape, tissue.scale)
+        if not inside.any():
+            warnings.append(f"ROI {roi.source.name} covers none of the slide ({w0}x{h0} px): its coordinates "
+                            "must be level-0 pixels of this slide (as QuPath exports them)")
+        tissue = replace(tissue, mask=tissue.mask & inside)
+    return tissue
+
+
+def write_slide_geojson(path, geojson_path: Path, cfg: TileConfig, slide_id: str | None = None,
+                        mpp_override: float | None = None) -> Path:
+    """Only the tissue GeoJSON of a slide (tissue detection + ROI, no patches): for a slide tiled before
+    GeoJSON was written. The same mask as ``tile_slide``, so the same file."""
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    roi = _load_roi(path, cfg, slide_id, [])
+    reader = _open(path, cfg)
+    try:
+        try:
+            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
+        except MppError as exc:
+            raise SlideError(str(exc)) from exc
+        tissue = slide_tissue(reader, path, mpp.value, cfg, roi, [])
+        return write_tissue_geojson(geojson_path, tissue.mask, tissue.scale, slide_id)
     finally:
         reader.close()
 
@@ -118,16 +184,20 @@ def _open(path: Path, cfg: TileConfig) -> SlideReader:
 
 
 def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
-               mpp_override: float | None = None, qc_png: Path | None = None, progress: bool = False) -> SlideResult:
-    """Tile ``path`` into ``out_h5`` (atomically); write the QC PNG to ``qc_png`` when given.
+               mpp_override: float | None = None, qc_png: Path | None = None, progress: bool = False,
+               geojson_path: Path | None = None) -> SlideResult:
+    """Tile ``path`` into ``out_h5`` (atomically); write the QC PNG to ``qc_png`` and the tissue outlines
+    (level-0 GeoJSON, QuPath annotations) to ``geojson_path`` when given. With ``cfg.roi`` only tissue
+    inside the ROI polygons (minus those of class ``cfg.roi_exclude_class``) is tiled.
 
     Raises :class:`SlideError` (naming the slide and the fix) when the slide cannot be opened, has no
-    µm/px, or a region cannot be decoded; no output file exists afterwards in that case.
+    µm/px, has a missing or bad ROI file, or a region cannot be decoded; no output file exists afterwards.
     """
     t_start = time.perf_counter()
     path, out_h5 = Path(path), Path(out_h5)
     slide_id = slide_id or path.stem
     warnings: list[str] = []
+    roi = _load_roi(path, cfg, slide_id, warnings)
     reader = _open(path, cfg)
     try:
         try:
@@ -147,13 +217,8 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
 
         # -- tissue ---------------------------------------------------------------------
         t0 = time.perf_counter()
-        det_ds = max(1.0, tc.detection_mpp / mpp.value)
-        try:
-            low = reader.read_scaled(det_ds)
-        except SlideReadError as exc:
-            raise SlideError(f"{exc}. The file is probably corrupt or truncated: copy it again or re-export it") from exc
-        mask_mpp = mpp.value * w0 / low.shape[1]
-        tissue = detect_tissue(low, mask_mpp, tc, level0_size=(w0, h0))
+        tissue = slide_tissue(reader, path, mpp.value, cfg, roi, warnings)
+        phash = params_hash(cfg, reader.name, mpp.value, roi.sha256 if roi else None)
         grid = make_grid(geom, reader.level_dimensions)
         frac = tissue_fractions(tissue.mask, tissue.scale, grid, geom.patch_size_level0)
         keep = (frac >= tc.min_tissue_fraction) & (frac > 0)
@@ -177,6 +242,8 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
                 attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
                                     {"tissue": seconds_tissue, "patches": seconds_patches,
                                      "total": time.perf_counter() - t_start}, writer.n)
+                attrs.update(params_hash=phash, roi_path=str(roi.source.resolve()) if roi else "",
+                             roi_sha256=roi.sha256 if roi else "", roi_exclude_class=cfg.roi_exclude_class if roi else "")
                 writer.set_attrs(attrs, _clam_trident_attrs(slide_id, reader, mpp.value, geom, out_h5))
             finally:
                 writer.close()
@@ -187,12 +254,16 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
             thumb = reader.thumbnail(QC_THUMBNAIL)
             caption = (f"{slide_id}: {len(coords)} patches {pc.patch_size}px at {geom.achieved_mpp:.4g} um/px | "
                        f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2")
-            qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0, caption))
+            qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0, caption,
+                                       roi=roi))
+        geojson = None
+        if geojson_path is not None:
+            geojson = str(write_tissue_geojson(geojson_path, tissue.mask, tissue.scale, slide_id))
         return SlideResult(
             slide_id=slide_id, path=str(path), status="done", n_patches=int(len(coords)), mpp=mpp.value,
             mpp_source=mpp.source, target_mpp=pc.target_mpp, achieved_mpp=geom.achieved_mpp,
             read_level=geom.read_level, tissue_area_mm2=tissue.area_mm2, seconds=time.perf_counter() - t_start,
-            qc_png=qc_path, warnings=warnings, params_hash=params_hash(cfg, reader.name, mpp.value),
+            qc_png=qc_path, warnings=warnings, params_hash=phash, geojson=geojson,
         )
     finally:
         reader.close()
@@ -294,7 +365,7 @@ def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: Patch
         "pen_area_mm2": tissue.pen_pixels * tissue.mpp ** 2 / 1e6,
         "n_patches": int(n), "n_candidates": stats["n_candidates"], "n_background_dropped": stats["n_background"],
         "n_region_reads": stats["n_reads"],
-        "params_hash": params_hash(cfg, reader.name, mpp.value), "tiler_version": TILER_VERSION,
+        "tiler_version": TILER_VERSION,
         "package_version": sgcl.__version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds_tissue": seconds["tissue"], "seconds_patches": seconds["patches"], "seconds_total": seconds["total"],
         "warnings": json.dumps(warnings),

@@ -170,6 +170,9 @@ def test_params_hash_tracks_output_parameters():
     assert h != params_hash(base, "image", 0.5) and h != params_hash(base, "openslide", 0.499)
     no_qc = dataclasses.replace(base, output=dataclasses.replace(base.output, qc=False))
     assert h == params_hash(no_qc, "openslide", 0.5)  # the QC picture does not change the patch file
+    no_geojson = dataclasses.replace(base, output=dataclasses.replace(base.output, geojson=False))
+    assert h == params_hash(no_geojson, "openslide", 0.5)  # nor the tissue GeoJSON
+    assert h != params_hash(base, "openslide", 0.5, roi_sha256="0" * 64)  # an ROI does (tests/test_geojson.py)
 
 
 # -- real slides ---------------------------------------------------------------------------

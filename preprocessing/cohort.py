@@ -207,7 +207,7 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
     if int(attrs.get("source_size", -1)) != st.st_size or abs(float(attrs.get("source_mtime", 0)) - st.st_mtime) > 1e-3:
         return None  # the slide file changed
     try:
-        expected = slide_params_hash(job.path, cfg, job.mpp)
+        expected = slide_params_hash(job.path, cfg, job.mpp, slide_id=job.slide_id)
     except Exception:  # noqa: BLE001 - let the tiler report the problem
         return None
     if attrs.get("params_hash") != expected:
@@ -225,20 +225,26 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
 
 def process_slide(job: SlideJob, cfg: TileConfig, out_dir: Path) -> dict:
     """Resume check + ``tile_slide`` for one slide (runs in the child process); returns a manifest row."""
-    from .slide_tiler import SlideError, tile_slide
+    from .slide_tiler import SlideError, tile_slide, write_slide_geojson
 
     t0 = time.perf_counter()
     h5 = out_dir / "patches" / f"{job.slide_id}.h5"
     qc = out_dir / "qc" / f"{job.slide_id}.png"
     qc_rel = f"qc/{job.slide_id}.png"
+    geojson = out_dir / "geojson" / f"{job.slide_id}.geojson" if cfg.output.geojson else None
     if h5.exists() and not cfg.overwrite:
         done = _existing_result(job, cfg, h5)
         if done is not None:
+            if geojson is not None and not geojson.exists():  # tiled before GeoJSON existed: add only that
+                try:
+                    write_slide_geojson(job.path, geojson, cfg, slide_id=job.slide_id, mpp_override=job.mpp)
+                except Exception as exc:  # noqa: BLE001 - the patch file is fine; say why and go on
+                    done["warning"] += f"; tissue GeoJSON not written: {exc}"
             return _row(job, "skipped", seconds=time.perf_counter() - t0,
                         qc_png=qc_rel if qc.exists() else None, **done)
     try:
         result = tile_slide(job.path, h5, cfg, slide_id=job.slide_id, mpp_override=job.mpp,
-                            qc_png=qc if cfg.output.qc else None)
+                            qc_png=qc if cfg.output.qc else None, geojson_path=geojson)
     except SlideError as exc:
         return _row(job, "failed", error=str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # an unexpected bug or library error: still only this slide fails
@@ -496,7 +502,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
     mine = select_shard(all_jobs, index, count)
     for sub in ("patches", "qc", "locks"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    for folder in (out_dir, out_dir / "patches", out_dir / "qc"):
+    for folder in (out_dir, out_dir / "patches", out_dir / "qc", out_dir / "geojson"):
         remove_stale_temporaries(folder)
     log(f"sgcl tile: {len(mine)} of {len(all_jobs)} slides in shard {index}/{count} -> {out_dir} "
         f"({cfg.workers} worker{'s' if cfg.workers != 1 else ''})")

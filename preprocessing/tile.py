@@ -6,9 +6,12 @@ Examples::
     sgcl tile /data/slides --recursive --out tiles --config configs/tile/20x_256.yaml --workers 8
     sgcl tile cohort.csv --out tiles --assume-mpp 0.25 tissue.pen_filter=false
     sgcl tile /data/slides --out tiles --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+    sgcl tile /data/slides --out tiles --roi qupath_export/   # only inside <slide_id>.geojson annotations
 
 Inputs are slide files, folders (scanned by extension) and CSVs with a ``path`` column and optional
-``slide_id`` and ``mpp`` (per-slide µm/px override) columns. Exit code: 0 when no slide failed,
+``slide_id`` and ``mpp`` (per-slide µm/px override) columns. ``--roi`` takes a GeoJSON file (QuPath:
+File > Export objects as GeoJSON) or a folder of ``<slide_id>.geojson`` files; annotations classified
+``exclude`` (``roi_exclude_class``) are cut out. Exit code: 0 when no slide failed,
 1 when any slide failed (the others are still done), 2 for bad arguments or inputs.
 """
 
@@ -28,6 +31,7 @@ FLAG_MAP = {
     "stride": "patch.stride", "assume_mpp": "assume_mpp", "workers": "workers", "shard": "shard",
     "codec": "output.codec", "reader": "reader", "min_tissue": "tissue.min_tissue_fraction",
     "overwrite": "overwrite", "recursive": "recursive", "qc": "output.qc", "slide_timeout": "slide_timeout_s",
+    "roi": "roi", "geojson": "output.geojson",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -57,9 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a kept patch (default 0.5)")
     p.add_argument("--slide-timeout", type=float, default=None, metavar="SECONDS",
                    help="kill a slide still running after this long and mark it failed (stalled reads)")
+    p.add_argument("--roi", default=None, metavar="PATH",
+                   help="tile only inside the polygons of a GeoJSON file, or of <slide_id>.geojson in a folder "
+                        "(level-0 px, e.g. QuPath's export); features classified 'exclude' are cut out")
     p.add_argument("--recursive", "-r", action="store_true", default=None, help="search folders recursively")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo slides already done with the same parameters")
     p.add_argument("--no-qc", dest="qc", action="store_false", default=None, help="skip the per-slide QC PNGs")
+    p.add_argument("--no-geojson", dest="geojson", action="store_false", default=None,
+                   help="skip the per-slide tissue outlines geojson/<slide_id>.geojson")
     p.add_argument("--dry-run", action="store_true", help="list the slides of this shard and exit")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -89,12 +90,14 @@ def test_config_file_overrides_and_flags(tmp_path):
     cfg, _ = parse_config(["a.svs", "b_dir", "--config", str(REPO / "configs/tile/20x_256.yaml"),
                            "tissue.pen_filter=false", "output.jpeg_quality=80", "--patch-size", "128",
                            "--shard", "1/3", "--workers", "2", "--min-tissue", "0.3", "--out", str(tmp_path),
-                           "--slide-timeout", "600"])
+                           "--slide-timeout", "600", "--roi", "annotations/", "--no-geojson"])
     assert cfg.inputs == ["a.svs", "b_dir"] and cfg.out_dir == str(tmp_path)
     assert cfg.patch.patch_size == 128 and cfg.patch.target_mpp == 0.5  # flag beats the config file
     assert cfg.tissue.pen_filter is False and cfg.output.jpeg_quality == 80
     assert cfg.shard == "1/3" and cfg.workers == 2 and cfg.tissue.min_tissue_fraction == 0.3
     assert cfg.overwrite is False and cfg.output.qc is True and cfg.slide_timeout_s == 600.0
+    assert cfg.roi == "annotations/" and cfg.roi_exclude_class == "exclude" and cfg.output.geojson is False
+    assert parse_config(["a.svs"])[0].output.geojson is True and parse_config(["a.svs"])[0].roi is None
     for preset in sorted((REPO / "configs" / "tile").glob("*.yaml")):
         parse_config(["x.svs", "--config", str(preset)])
 
@@ -123,11 +126,66 @@ def test_dry_run_lists_the_shard(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
+def _rect(x0, y0, x1, y1):
+    return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+
+
+def test_roi_folder_tissue_geojson_and_resume(tmp_path):
+    cmu = shared_path("wsi", "cmu-1-small-region.svs")
+    slides, rois, out = tmp_path / "slides", tmp_path / "rois", tmp_path / "tiles"
+    slides.mkdir()
+    rois.mkdir()
+    for name in ("a.svs", "b.svs"):
+        shutil.copy(cmu, slides / name)
+    # QuPath's older "Export as GeoJSON": a bare array of features, classification as a plain string
+    roi_a = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _rect(0, 0, 2220, 1500)},
+              "properties": {"classification": "Tumor"}},
+             {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _rect(0, 0, 2220, 500)},
+              "properties": {"classification": "exclude"}}]
+    (rois / "a.geojson").write_text(json.dumps(roi_a))
+    argv = [str(slides), "--out", str(out), "--roi", str(rois), "-q", "--no-qc"]
+    assert main(argv) == 0
+    rows = pd.read_csv(out / "manifest.csv").set_index("slide_id")
+    assert (rows["status"] == "done").all()
+    assert 0 < rows.loc["a", "n_patches"] < rows.loc["b", "n_patches"]
+    assert "has no b.geojson" in rows.loc["b", "warning"] and pd.isna(rows.loc["a", "warning"])
+    with PatchFile(out / "patches" / "a.h5") as pf:
+        y = pf.coords()[:, 1]
+        assert pf.attrs["roi_path"] == str((rois / "a.geojson").resolve())
+        assert y.min() >= 500 - 0.5 * pf.attrs["patch_size_level0"] and y.max() < 1500
+    tissue = json.loads((out / "geojson" / "a.geojson").read_text())
+    ys = [p[1] for f in tissue["features"] for ring in f["geometry"]["coordinates"] for p in ring]
+    assert tissue["type"] == "FeatureCollection" and tissue["features"] and 450 <= min(ys) and max(ys) <= 1550
+    b_geojson = (out / "geojson" / "b.geojson").read_bytes()
+    assert max(p[1] for f in json.loads(b_geojson)["features"] for r in f["geometry"]["coordinates"] for p in r) > 2500
+
+    # resume: a tissue GeoJSON missing beside a finished patch file is written without re-tiling
+    (out / "geojson" / "b.geojson").unlink()
+    assert main(argv) == 0
+    rows = pd.read_csv(out / "manifest.csv").set_index("slide_id")
+    assert (rows["status"] == "skipped").all() and (out / "geojson" / "b.geojson").read_bytes() == b_geojson
+    # an edited annotation redoes that slide; a new per-slide file redoes the slide it names
+    roi_a[1]["geometry"]["coordinates"] = _rect(0, 0, 2220, 800)
+    (rois / "a.geojson").write_text(json.dumps(roi_a))
+    (rois / "b.json").write_text(json.dumps({"type": "Feature", "properties": {"classification": {"name": "Exclude"}},
+                                             "geometry": {"type": "Polygon", "coordinates": _rect(0, 1500, 2220, 2967)}}))
+    assert main(argv) == 0
+    redone = pd.read_csv(out / "manifest.csv").set_index("slide_id")
+    assert (redone["status"] == "done").all()
+    assert redone.loc["a", "n_patches"] < rows.loc["a", "n_patches"]
+    assert redone.loc["b", "n_patches"] < rows.loc["b", "n_patches"]
+    # a missing ROI path fails every slide with the path in the error
+    assert main([str(slides), "--out", str(tmp_path / "t2"), "--roi", str(tmp_path / "nope.geojson"), "-q"]) == 1
+    failed = pd.read_csv(tmp_path / "t2" / "manifest.csv")
+    assert (failed["status"] == "failed").all() and failed["error"].str.contains("nope.geojson does not exist").all()
+
+
 def test_module_entry_point_help():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "preprocessing.tile", "--help"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "--target-mpp" in proc.stdout and "--shard" in proc.stdout
+    assert "--roi PATH" in proc.stdout and "--no-geojson" in proc.stdout
 
 
 def test_report_escapes_and_counts(tmp_path):

@@ -253,7 +253,8 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
 
             thumb = reader.thumbnail(QC_THUMBNAIL)
             caption = (f"{slide_id}: {len(coords)} patches {pc.patch_size}px at {geom.achieved_mpp:.4g} um/px | "
-                       f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2")
+                       f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2"
+                       + (f" in ROI {roi.source.name}" if roi else ""))
             qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0, caption,
                                        roi=roi))
         geojson = None

@@ -57,7 +57,7 @@ class ExtractConfig:
     encoder: str = "resnet50"                         # export folder / weights file / registry encoder (uni, ...) / timm model name
     weights: Optional[str] = None                     # a registry encoder's weights: file, folder or HF cache folder (None: default caches)
     model_name: Optional[str] = None                  # timm architecture when the weights file has no backbone.json
-    input_size: Optional[int] = None                  # override the model's input side (default: timm pretrained cfg)
+    input_size: Optional[int] = None                  # override the input side (default: the registry entry / timm pretrained cfg)
     slide_dirs: list[str] = field(default_factory=list)  # where slides are found for coords-only inputs
     read_from: Literal["auto", "stored", "slide"] = "auto"
     patch_size: Optional[int] = None                  # output patch side for on-the-fly reads (default: recorded)

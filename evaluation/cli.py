@@ -9,6 +9,7 @@ Examples::
 
     sgcl eval knn --config configs/eval/knn.yaml data.root=/data/NCT-CRC-HE-100K encoder.spec=outputs/export
     sgcl eval linear data.kind=csv data.csv=labels.csv encoder.spec=resnet50 out_dir=outputs/eval/linear
+    sgcl eval knn --config configs/eval/knn.yaml encoder.spec=uni encoder.weights=/models/UNI
     sgcl eval fewshot data.kind=features data.features=outputs/eval/features.pt fewshot.shots=[1,4,16]
 """
 
@@ -45,7 +46,8 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    spec: str = "resnet50"                 # export folder / weights file / timm model name
+    spec: str = "resnet50"                 # export folder / weights file / registry encoder (uni, ...) / timm model name
+    weights: Optional[str] = None          # a registry encoder's weights: file, folder or HF cache folder (docs/encoders.md)
     model_name: Optional[str] = None
     input_size: Optional[int] = None
     batch_size: int = 64
@@ -97,7 +99,7 @@ class EvalConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-FLAG_MAP = {"out": "out_dir", "encoder": "encoder.spec", "data_root": "data.root", "features": "data.features"}
+FLAG_MAP = {"out": "out_dir", "encoder": "encoder.spec", "weights": "encoder.weights", "data_root": "data.root", "features": "data.features"}
 
 
 def load_feature_set(cfg: EvalConfig):
@@ -115,7 +117,7 @@ def load_feature_set(cfg: EvalConfig):
 
         lset = load_labelled(d.kind, d.root, d.csv, d.h5)
         e = cfg.encoder
-        encoder = load_encoder(e.spec, e.model_name, e.input_size)
+        encoder = load_encoder(e.spec, e.model_name, e.input_size, e.weights)
         cache = e.cache or str(Path(cfg.out_dir) / "features.pt")
         fs = compute_features(lset, encoder, e.batch_size, e.num_workers, e.device, e.precision, cache, cfg.progress)
     if d.test_features:
@@ -223,7 +225,9 @@ def build_parser(protocol: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"sgcl eval {protocol}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="output folder (out_dir=)")
-    p.add_argument("--encoder", help="export folder, weights file or timm model name (encoder.spec=)")
+    p.add_argument("--encoder", help="export folder, weights file, foundation encoder name (`sgcl extract --encoder "
+                   "list`) or timm model name (encoder.spec=)")
+    p.add_argument("--weights", help="weights of a named foundation encoder: file, folder or HF cache folder (encoder.weights=)")
     p.add_argument("--data-root", dest="data_root", help="class-folder root (data.root=)")
     p.add_argument("--features", help="a features file to evaluate (data.features=; set data.kind=features)")
     add_config_arguments(p)

@@ -50,29 +50,40 @@ class Encoder:
         return BatchTransform(self.input_size, self.mean, self.std, self.interpolation)
 
     def fingerprint(self) -> dict:
-        """What determines the features besides the pixels (used for resume checks)."""
-        return {"encoder": self.name, "weights_sha256": self.info.get("sha256") or "", "input_size": self.input_size,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+        """What determines the features besides the pixels (used for resume checks); a registry
+        encoder adds its registry name and pooling rule."""
+        fp = {"encoder": self.name, "weights_sha256": self.info.get("sha256") or "", "input_size": self.input_size,
+              "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+        if self.info.get("encoder"):
+            fp.update(registry=str(self.info["encoder"]), pooling=str(self.info.get("pooling") or ""))
+        return fp
 
 
-def load_encoder(spec: str, model_name: str | None = None, input_size: int | None = None) -> Encoder:
-    """An encoder from an ``sgcl pretrain`` export folder/file or a timm model name (random init, no download).
+def load_encoder(spec: str, model_name: str | None = None, input_size: int | None = None,
+                 weights: str | None = None) -> Encoder:
+    """An encoder from an ``sgcl pretrain`` export folder/file, a registry encoder name with its
+    ``weights`` (:mod:`sgcl.models.encoders`), or a timm model name (random init, no download).
 
-    The transform follows the timm model's pretrained config (``resolve_data_config``); ``input_size``
-    overrides the side length.
+    The transform is the registry entry's (input size, mean/std, interpolation), else the timm
+    model's pretrained config (``resolve_data_config``); ``input_size`` overrides the side length.
     """
     import timm.data
 
     from sgcl.models.backbone import load_backbone
+    from sgcl.models.encoders import ENCODERS
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a timm name without weights: a reproducible random-init baseline
-        model, info = load_backbone(spec, model_name=model_name)
+        model, info = load_backbone(spec, model_name=model_name, weights=weights)
     if not info.get("sha256"):
         info = {**info, "sha256": state_sha256(model), "weights": "random-init(seed=0)"}
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    entry = ENCODERS.get(str(info.get("encoder") or ""))
+    if entry is not None:
+        return Encoder(model, info, int(input_size or entry.input_size), tuple(entry.mean), tuple(entry.std),
+                       entry.interpolation)
     cfg = timm.data.resolve_data_config({}, model=model)
     size = int(input_size or cfg["input_size"][-1])
     interp = str(cfg.get("interpolation", "bicubic"))

@@ -2,7 +2,7 @@
 
 Output (``<out_dir>/``):
 - ``h5_files/<slide>.h5``: ``features`` (N, D) float32 (or float16), ``coords`` (N, 2) int64 with the
-  input's coords attrs copied, ``grid`` (N, 2) int32; file attrs: encoder, weights_sha256, mpp,
+  input's coords attrs copied, ``grid`` (N, 2) int32; file attrs: encoder, pooling, weights_sha256, mpp,
   patch_size, sgcl_version, timings, params_hash.
 - ``pt_files/<slide>.pt``: ``torch.save`` of the (N, D) features tensor only (what CLAM's MIL loader reads).
 - ``manifest.csv``: one row per slide (status done / skipped / failed, counts, timings, error).
@@ -17,6 +17,8 @@ Example::
 
     sgcl extract --inputs outputs/tiles/patches --encoder outputs/pretrain/export --out outputs/features
     sgcl extract --inputs clam/patches --slide-dir /data/slides --encoder resnet50 precision=bf16
+    sgcl extract --inputs outputs/tiles/patches --encoder uni --weights /models/UNI --out outputs/features_uni
+    sgcl extract --encoder list      # the named foundation encoders (docs/encoders.md)
     torchrun --nproc-per-node 4 -m sgcl.cli extract --config configs/eval/extract.yaml
 """
 
@@ -52,9 +54,10 @@ MANIFEST_FIELDS = ["slide_id", "status", "n_patches", "feature_dim", "encoder", 
 class ExtractConfig:
     inputs: list[str] = field(default_factory=list)   # patch/coords .h5 files, folders of them, or a CSV/txt list
     out_dir: str = "outputs/features"
-    encoder: str = "resnet50"                         # export folder / weights file / timm model name
+    encoder: str = "resnet50"                         # export folder / weights file / registry encoder (uni, ...) / timm model name
+    weights: Optional[str] = None                     # a registry encoder's weights: file, folder or HF cache folder (None: default caches)
     model_name: Optional[str] = None                  # timm architecture when the weights file has no backbone.json
-    input_size: Optional[int] = None                  # override the model's input side (default: timm pretrained cfg)
+    input_size: Optional[int] = None                  # override the input side (default: the registry entry / timm pretrained cfg)
     slide_dirs: list[str] = field(default_factory=list)  # where slides are found for coords-only inputs
     read_from: Literal["auto", "stored", "slide"] = "auto"
     patch_size: Optional[int] = None                  # output patch side for on-the-fly reads (default: recorded)
@@ -67,7 +70,7 @@ class ExtractConfig:
     progress: bool = True
 
 
-FLAG_MAP = {"inputs": "inputs", "out": "out_dir", "encoder": "encoder", "slide_dir": "slide_dirs",
+FLAG_MAP = {"inputs": "inputs", "out": "out_dir", "encoder": "encoder", "weights": "weights", "slide_dir": "slide_dirs",
             "batch_size": "batch_size", "num_workers": "num_workers", "device": "device", "precision": "precision"}
 
 
@@ -173,7 +176,8 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
     grid = grid_from(path, coords, level0)
     mpp = patch_mpp(attrs, desc)
     out_attrs = {
-        "slide_id": sid, "encoder": encoder.name, "weights_sha256": encoder.info.get("sha256") or "",
+        "slide_id": sid, "encoder": encoder.name, "pooling": str(encoder.info.get("pooling") or ""),
+        "weights_sha256": encoder.info.get("sha256") or "",
         "feature_dim": int(feats.shape[1]), "input_size": encoder.input_size, "mpp": float(mpp) if mpp not in (None, "") else -1.0,
         "patch_size": int(desc.get("patch_size") or 0), "read_mode": desc["read_mode"], "source": str(path),
         "sgcl_version": __version__, "precision": cfg.precision, "params_hash": phash,
@@ -245,7 +249,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
-    encoder = load_encoder(cfg.encoder, cfg.model_name, cfg.input_size)
+    encoder = load_encoder(cfg.encoder, cfg.model_name, cfg.input_size, cfg.weights)
     encoder.model.to(device)
     rows = []
     for path in tqdm(mine, desc=f"slides (rank {rank}/{world})", unit="slide", disable=not cfg.progress):
@@ -289,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", help="patch/coords .h5 files or folders (inputs=)")
     p.add_argument("--out", help="output folder (out_dir=)")
-    p.add_argument("--encoder", help="export folder, weights file or timm model name (encoder=)")
+    p.add_argument("--encoder", help="export folder, weights file, foundation encoder name (uni, conch_v1, virchow2, ...; "
+                   "`--encoder list` prints them) or timm model name (encoder=)")
+    p.add_argument("--weights", help="weights of a named encoder: a .bin/.pth/.pt/.safetensors file, a folder or a "
+                   "Hugging Face cache folder (weights=; default: search the local HF/torch caches; never downloads)")
     p.add_argument("--slide-dir", dest="slide_dir", nargs="+", help="folders with the slides, for coords-only inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--num-workers", dest="num_workers", type=int)
@@ -310,6 +317,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
+    if args.encoder == "list":
+        from sgcl.models.encoders import format_table
+
+        print(format_table())
+        return 0
     try:
         cfg = config_from_args(ExtractConfig, args, FLAG_MAP)
         if not cfg.inputs:

@@ -4,8 +4,15 @@
     torchrun --nproc_per_node 4 -m sgcl.cli pretrain --config configs/pretrain/sgcl_r50.yaml ...
 
 Re-running the same command resumes from ``<out>/checkpoints/last.pt``; ``--resume PATH`` picks a
-checkpoint. The result is ``<out>/export/backbone.safetensors`` + ``backbone.json`` (loadable with
-``timm.create_model(name, num_classes=0, checkpoint_path=...)``) and ``<out>/config.json``.
+checkpoint. ``model.backbone`` is a timm name or a foundation encoder of the registry
+(``sgcl extract --encoder list``); ``--init-weights`` (``model.init_weights``) starts from its published
+weights (a file, a folder or a Hugging Face cache folder; nothing is downloaded):
+
+    sgcl pretrain --config configs/pretrain/sgcl_r50.yaml model.backbone=phikon --init-weights /models/phikon ...
+
+The result is ``<out>/export/backbone.safetensors`` + ``backbone.json`` (for a timm backbone loadable with
+``timm.create_model(name, num_classes=0, checkpoint_path=...)``; ``sgcl extract --encoder <out>/export``
+loads either kind) and ``<out>/config.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ FLAGS = {
     "device": "train.device",
     "precision": "train.precision",
     "seed": "train.seed",
+    "init_weights": "model.init_weights",
 }
 
 
@@ -42,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda (train.device)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision")
     p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--init-weights", dest="init_weights",
+                   help="start the backbone from these weights (model.init_weights; see docs/encoders.md)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
 

@@ -4,6 +4,10 @@ Export layout (``<dir>/``):
 - ``backbone.safetensors``: the backbone's ``state_dict`` (no classifier), loadable with
   ``timm.create_model(name, num_classes=0, checkpoint_path=".../backbone.safetensors")``;
 - ``backbone.json``: ``{"model_name", "num_features", "sha256", "sgcl_version", "config"}``.
+
+A name of the foundation-encoder registry (:mod:`sgcl.models.encoders`, e.g. ``uni``) works wherever a
+timm name does: ``create_backbone("uni")`` builds its architecture, ``load_backbone("uni", weights=...)``
+loads its published checkpoint, and an export of a backbone built that way names it in ``backbone.json``.
 """
 
 from __future__ import annotations
@@ -29,11 +33,17 @@ class BackboneError(ValueError):
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
-    """A timm model without classifier (``num_classes=0``): ``forward`` returns pooled features
-    of size ``model.num_features``; ``forward_features`` the feature map. Never downloads weights."""
+    """A timm model without classifier (``num_classes=0``), or a registry encoder's architecture:
+    ``forward`` returns pooled features of size ``model.num_features``; ``forward_features`` the
+    feature map. Random init; never downloads weights."""
     kwargs.setdefault("pretrained", False)
     if kwargs["pretrained"]:
         raise BackboneError("pretrained weights would be downloaded; pass a local checkpoint instead")
+    from sgcl.models.encoders import ENCODERS, build_model
+
+    if name in ENCODERS:
+        kwargs.pop("pretrained")
+        return build_model(ENCODERS[name], **kwargs)
     try:
         return timm.create_model(name, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError('Unknown model ...')
@@ -46,6 +56,36 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``torch.save``d state dict (``weights_only=True``;
+    a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refused (not plain tensors) or not a torch file
+        raise BackboneError(f"{path}: not a plain state dict that torch.load(weights_only=True) can read "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); re-save it with "
+                            "torch.save(model.state_dict(), path) or as .safetensors") from None
+    while isinstance(state, dict):
+        inner = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    return state
+
+
+def pooling_of(model: nn.Module) -> str:
+    """The pooling rule of a timm model (``token``, ``avg``, ...; empty when it has none)."""
+    pool = getattr(model, "global_pool", "")
+    return str(getattr(pool, "pool_type", pool) or "")
 
 
 def export_backbone(model: nn.Module, model_name: str, out_dir: str | Path, config: Mapping[str, Any] | None = None) -> Path:
@@ -68,33 +108,43 @@ def export_backbone(model: nn.Module, model_name: str, out_dir: str | Path, conf
     return dest
 
 
-def load_backbone(spec: str | Path, model_name: str | None = None) -> tuple[nn.Module, dict]:
-    """Load an encoder from ``spec``: an export folder, a ``.safetensors``/``.pth`` file, or a timm
-    model name (random init). Returns ``(model, info)`` with ``info`` = name, num_features, sha256."""
+def load_backbone(spec: str | Path, model_name: str | None = None, weights: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """Load an encoder from ``spec``: an export folder, a ``.safetensors``/``.pth`` file, a registry
+    encoder name (``uni``, ...; its published ``weights``: a file, a folder or a Hugging Face cache
+    folder; default caches when None), or a timm model name (random init, or ``weights`` in timm keys).
+    Returns ``(model, info)`` with ``info`` = model_name, num_features, sha256, pooling (+ registry fields)."""
+    from sgcl.models.encoders import ENCODERS, entry_info, load_named_encoder
+
+    if str(spec) in ENCODERS:
+        return load_named_encoder(str(spec), weights)
+    if weights is not None:
+        if Path(spec).exists() or model_name:
+            raise BackboneError(f"weights={weights} goes with a registry encoder or a timm model name, not with "
+                                f"{spec}; pass the checkpoint as the encoder and its architecture as model_name")
+        return load_backbone(weights, model_name=str(spec))
     path = Path(spec)
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
         if not path.is_file():
-            raise BackboneError(f"checkpoint {path} does not exist; pass an export folder of `sgcl pretrain` or a timm model name")
+            raise BackboneError(f"checkpoint {path} does not exist; pass an export folder of `sgcl pretrain`, a registry "
+                                "encoder name (`sgcl extract --encoder list`) or a timm model name")
         meta_path = path.with_name(META_NAME)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         name = model_name or meta.get("model_name")
         if not name:
             raise BackboneError(f"{path}: no {META_NAME} beside it names the architecture; pass model_name=<timm name>")
         model = create_backbone(name)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = read_state_dict(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise BackboneError(f"{path}: weights do not fit {name} (missing {list(missing)[:5]} ...)")
         info = {"model_name": name, "num_features": int(model.num_features), "weights": str(path),
-                "sha256": meta.get("sha256") or file_sha256(path), "unexpected_keys": list(unexpected)}
+                "sha256": meta.get("sha256") or file_sha256(path), "unexpected_keys": list(unexpected),
+                "pooling": pooling_of(model)}
+        if name in ENCODERS:  # an export of a backbone built from a registry entry
+            info.update(entry_info(ENCODERS[name]))
         return model, info
     model = create_backbone(str(spec))
-    return model, {"model_name": str(spec), "num_features": int(model.num_features), "weights": None, "sha256": None}
+    return model, {"model_name": str(spec), "num_features": int(model.num_features), "weights": None, "sha256": None,
+                   "pooling": pooling_of(model)}

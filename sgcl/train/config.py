@@ -51,7 +51,8 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"          # any timm model name (random init, never downloaded)
+    backbone: str = "resnet50"          # any timm model name or registry encoder (uni, phikon, ...: docs/encoders.md)
+    init_weights: Optional[str] = None  # start from these weights (registry: its published file/folder; timm: timm keys or an export)
     channels_last: bool = True         # on GPUs (ignored on the CPU, where it slows BatchNorm)
     compile: bool = False               # torch.compile the backbone
     sync_bn: bool = False               # SyncBatchNorm across ranks (DDP)

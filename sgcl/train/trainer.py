@@ -152,6 +152,11 @@ class Trainer:
             raise ValueError("no data: set data.h5_dir=<folder of .h5 patch files> (or --h5-dir) or data.files=[...]")
 
         backbone = create_backbone(cfg.model.backbone)
+        if cfg.model.init_weights:
+            from sgcl.models.encoders import init_backbone
+
+            init = init_backbone(backbone, cfg.model.backbone, cfg.model.init_weights)
+            self._log(f"{cfg.model.backbone} initialised from {init['weights']} (sha256 {init['sha256'][:12]})")
         method = self.method_builder(cfg, backbone)
         transform = build_sample_transform(cfg.aug, method.num_views, method.needs_local, cfg.method.dense)
         self.dataset = PatchDataset(sources, transform, cache_files=cfg.data.cache_files, seed=cfg.train.seed,

@@ -46,8 +46,10 @@ def h5_attrs(path: Path) -> tuple[dict, dict]:
 
 
 def slide_id_of(path: Path, attrs: dict) -> str:
-    sid = attrs.get("slide_id") or path.stem
-    return str(sid)[: -len("_patches")] if str(sid).endswith("_patches") else str(sid)
+    """The file's ``slide_id`` attr (``sgcl tile``), else its name (TRIDENT's ``S_patches.h5`` -> ``S``)."""
+    from preprocessing.layouts import slide_id_from_file_name
+
+    return str(attrs.get("slide_id") or slide_id_from_file_name(path))
 
 
 def count_patches(path: Path) -> int:
@@ -194,13 +196,20 @@ def open_source(path: Path, slide_dirs: Sequence[str] = (), read_from: str = "au
 
 
 def discover_inputs(inputs: Sequence[str]) -> list[Path]:
-    """HDF5 files from files, folders (``*.h5``, sorted) and text/CSV lists (one path per line or a
-    ``path`` column)."""
+    """HDF5 files from files, folders and text/CSV lists (one path per line or a ``path`` column).
+
+    A folder is a folder of ``*.h5`` or a tiling output of any layout: ours or CLAM's (its ``patches/``)
+    or a TRIDENT job folder (its ``<mag>x_<size>px_<overlap>px_overlap/patches/``)."""
+    from preprocessing.layouts import LayoutError, patch_files_in
+
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += sorted(q for q in p.glob("*.h5") if not q.name.startswith("."))
+            try:
+                found += patch_files_in(p)
+            except LayoutError as exc:
+                raise SourceError(str(exc)) from None
         elif p.suffix in (".csv", ".txt"):
             import pandas as pd
 
@@ -215,5 +224,7 @@ def discover_inputs(inputs: Sequence[str]) -> list[Path]:
         else:
             raise SourceError(f"input {p} does not exist; pass patch/coords .h5 files, folders of them, or a CSV list")
     if not found:
-        raise SourceError(f"no .h5 inputs found in {list(inputs)}; run `sgcl tile` first or pass CLAM coords files")
+        raise SourceError(f"no .h5 inputs found in {list(inputs)} (nor in a patches/ or TRIDENT "
+                          "<mag>x_<size>px_<overlap>px_overlap/patches/ folder there); run `sgcl tile` first or "
+                          "pass CLAM/TRIDENT coords files")
     return found

@@ -116,7 +116,14 @@ def _cell_overrides(csv: Path, row_no: int, row: pd.Series, keys: list[str]) -> 
             continue  # an empty cell keeps the run's setting
         try:
             _, value = parse_override(f"{key}={cell}")
-            with_overrides(TileConfig(), {key: value})
+            try:
+                with_overrides(TileConfig(), {key: value})
+            except ConfigError:
+                if not (isinstance(value, float) and value.is_integer()):
+                    raise
+                # pandas writes an int column with empty cells as 128.0: a whole number is that integer
+                value = int(value)
+                with_overrides(TileConfig(), {key: value})
         except ConfigError as exc:
             raise CohortError(f"{csv}, row {row_no}, column `{key}`: {exc}") from None
         out.append((key, value))

@@ -1,9 +1,11 @@
 """Where the patches of one slide come from, for feature export.
 
 - :class:`StoredPatches`: an ``sgcl tile`` patch file whose ``imgs`` hold the pixels.
-- :class:`SlidePatches`: coordinates only (a CLAM/TRIDENT ``patches/<slide>.h5`` with ``coords``, or
-  our file without ``imgs``): each patch is read on the fly from the slide at its level-0 ``(x, y)``,
-  with the recorded level-0 size, at the best pyramid level, and resized to the patch size.
+- :class:`SlidePatches`: coordinates only (CLAM's ``patches/<slide>.h5``, TRIDENT's
+  ``<slide>_patches.h5``, or our file without ``imgs``): each patch is read on the fly from the slide at
+  its level-0 ``(x, y)``, with the recorded level-0 size (CLAM: ``patch_size`` px at ``patch_level``;
+  TRIDENT: ``patch_size`` px at ``target_magnification``), at the best pyramid level, and resized to the
+  patch size.
 
 Both are picklable map-style datasets (``__getitem__(i) -> (P, P, 3) uint8``) that open their file
 or slide lazily in each DataLoader worker.
@@ -181,7 +183,12 @@ def open_source(path: Path, slide_dirs: Sequence[str] = (), read_from: str = "au
     if "read_level" in attrs and "read_size" in attrs:  # an `sgcl tile` file: read exactly what the tiler read
         level0 = float(attrs.get("patch_size_level0") or cattrs.get("patch_size_level0"))
         return SlidePatches(slide, coords, out, level0, int(attrs["read_level"]), int(attrs["read_size"]))
-    if "patch_size" in cattrs:  # CLAM / TRIDENT: patch_size px at patch_level
+    if "patch_size" in cattrs and "patch_level" not in cattrs and cattrs.get("target_magnification"):
+        # TRIDENT: patch_size px at target_magnification, i.e. patch_size · level0/target magnification level-0 px
+        size = int(cattrs["patch_size"])
+        level0 = size * float(cattrs["level0_magnification"]) / float(cattrs["target_magnification"])
+        return SlidePatches(slide, coords, int(patch_size or stored_size or size), level0)
+    if "patch_size" in cattrs:  # CLAM: patch_size px at patch_level
         level = int(cattrs.get("patch_level", 0))
         read = int(cattrs["patch_size"])
         ds = cattrs.get("downsample")

@@ -116,6 +116,28 @@ def test_trident_batch_runner_finds_and_reads_our_job_folder(wsi_dir, tmp_path):
     assert not (job / coords_dir / "pt_files").exists() and not (job / coords_dir / "h5_files").exists()
 
 
+def test_trident_own_coords_are_read_at_their_magnification(wsi_dir, tmp_path):
+    """A coords file as TRIDENT writes it (IO.coords_to_h5: 0.499 µm/px rounded to 20×, patches of 112 px
+    at 10×), found in its job folder and read on the fly: 224 level-0 px per patch, resized to 112."""
+    from evaluation.sources import discover_inputs, open_source, slide_id_of
+
+    coords_path = tmp_path / "job" / trident_coords_dir(10, 112, 0) / "patches" / f"{SLIDE}_patches.h5"
+    coords_path.parent.mkdir(parents=True)
+    with h5py.File(coords_path, "w") as f:
+        c = f.create_dataset("coords", data=np.array([[0, 0], [224, 0], [448, 224]], np.int64), chunks=(1, 2),
+                             maxshape=(None, 2))
+        for key, value in {"patch_size": 112, "patch_size_level0": 112 * 20 // 10, "level0_magnification": 20,
+                           "target_magnification": 10, "overlap": 0, "name": SLIDE,
+                           "savetodir": str(coords_path.parent.parent), "level0_width": 2220,
+                           "level0_height": 2967}.items():
+            c.attrs[key] = value
+    assert discover_inputs([str(tmp_path / "job")]) == [coords_path] and slide_id_of(coords_path, {}) == SLIDE
+    source = open_source(coords_path, [str(wsi_dir)])
+    desc = source.describe()
+    assert desc["read_mode"] == "slide" and desc["patch_size"] == 112 and desc["patch_size_level0"] == 224
+    assert desc["read_level"] == 0 and desc["read_size"] == 224 and source[2].shape == (112, 112, 3)
+
+
 # -- CLAM ------------------------------------------------------------------------------------
 def test_clam_feature_extractor_and_mil_dataset_read_our_save_dir(wsi_dir, tmp_path):
     import openslide

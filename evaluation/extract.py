@@ -1,14 +1,22 @@
 """``sgcl extract``: per-slide patch features for MIL (CLAM/TRIDENT layout), resumable and distributed.
 
-Output (``<out_dir>/``):
-- ``h5_files/<slide>.h5``: ``features`` (N, D) float32 (or float16), ``coords`` (N, 2) int64 with the
-  input's coords attrs copied, ``grid`` (N, 2) int32; file attrs: encoder, pooling, weights_sha256, mpp,
-  patch_size, sgcl_version, timings, params_hash.
+Inputs: patch/coords .h5 files, folders of them, or a tiling output folder of any layout (ours, CLAM's
+``save_dir``, a TRIDENT job folder: the patches folder inside is found; ``<slide>_patches.h5`` is slide
+``<slide>``).
+
+Output (``<out_dir>/``, ``--layout default``, which is CLAM's layout; ``clam`` is the same):
+- ``h5_files/<slide>.h5``: ``features`` (N, D) float32 (or float16; attrs ``name``, ``savetodir``,
+  ``encoder``), ``coords`` (N, 2) int64 with the input's coords attrs copied, ``grid`` (N, 2) int32; file
+  attrs: encoder, pooling, weights_sha256, mpp, patch_size, sgcl_version, timings, params_hash.
 - ``pt_files/<slide>.pt``: ``torch.save`` of the (N, D) features tensor only (what CLAM's MIL loader reads).
 - ``manifest.csv``: one row per slide (status done / skipped / failed, counts, timings, error).
 
+``--layout trident`` writes TRIDENT's ``features_<encoder>/<slide>.h5`` (the same h5 content) instead of
+``h5_files/`` and ``pt_files/``; with ``--out <job>/<mag>x_<size>px_<overlap>px_overlap`` the files are
+where TRIDENT's own feature step puts them.
+
 Each slide is written atomically (h5 first, then pt); a slide whose h5 records the same
-``params_hash`` and whose pt exists is skipped, so an interrupted run resumes. A failing slide is
+``params_hash`` and whose pt exists (when the layout has one) is skipped, so an interrupted run resumes. A failing slide is
 recorded and the others continue; the exit code is 1 if any failed. Under ``torchrun`` the slides
 are dealt out to ranks by patch count (largest first, to the least-loaded rank); each rank writes
 its slides and rank 0 merges the per-rank manifests.
@@ -19,6 +27,7 @@ Example::
     sgcl extract --inputs clam/patches --slide-dir /data/slides --encoder resnet50 precision=bf16
     sgcl extract --inputs outputs/tiles/patches --encoder uni --weights /models/UNI --out outputs/features_uni
     sgcl extract --encoder list      # the named foundation encoders (docs/encoders.md)
+    sgcl extract --inputs job --layout trident --out job/20x_224px_0px_overlap --encoder resnet50
     torchrun --nproc-per-node 4 -m sgcl.cli extract --config configs/eval/extract.yaml
 """
 
@@ -68,10 +77,12 @@ class ExtractConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"
     overwrite: bool = False
     progress: bool = True
+    layout: Literal["default", "clam", "trident"] = "default"  # h5_files/ + pt_files/ (default = CLAM's) or TRIDENT's features_<encoder>/
 
 
 FLAG_MAP = {"inputs": "inputs", "out": "out_dir", "encoder": "encoder", "weights": "weights", "slide_dir": "slide_dirs",
-            "batch_size": "batch_size", "num_workers": "num_workers", "device": "device", "precision": "precision"}
+            "batch_size": "batch_size", "num_workers": "num_workers", "device": "device", "precision": "precision",
+            "layout": "layout"}
 
 
 # -- distribution ---------------------------------------------------------------------------------
@@ -99,8 +110,9 @@ def params_hash(encoder_fp: dict, cfg: ExtractConfig, source_desc: dict, n: int)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_done(h5_path: Path, pt_path: Path, phash: str) -> bool:
-    if not (h5_path.is_file() and pt_path.is_file()):
+def is_done(h5_path: Path, pt_path: Path | None, phash: str) -> bool:
+    """The slide's h5 records ``phash`` and its pt (None: the layout has none) exists."""
+    if not h5_path.is_file() or (pt_path is not None and not pt_path.is_file()):
         return False
     try:
         with h5py.File(h5_path, "r") as f:
@@ -119,13 +131,15 @@ def grid_from(path: Path, coords: np.ndarray, level0: float | None) -> np.ndarra
 
 
 def write_features_h5(dest: Path, features: np.ndarray, coords: np.ndarray, grid: np.ndarray,
-                      coords_attrs: dict, attrs: dict) -> None:
-    """Write ``h5_files/<slide>.h5`` atomically, chunked by ~1 MiB row blocks (not CLAM's 1-row chunks)."""
+                      coords_attrs: dict, attrs: dict, features_attrs: dict | None = None) -> None:
+    """Write a slide's features h5 atomically, chunked by ~1 MiB row blocks (not CLAM's 1-row chunks)."""
     n, d = features.shape
     rows = max(1, min(max(n, 1), (1 << 20) // max(1, d * features.dtype.itemsize)))
     with atomic_path(dest) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=features, chunks=(rows, d) if n else None)
+            feats = f.create_dataset("features", data=features, chunks=(rows, d) if n else None)
+            for k, v in (features_attrs or {}).items():
+                feats.attrs[k] = v
             c = f.create_dataset("coords", data=coords.astype(np.int64), chunks=(min(max(n, 1), 65536), 2) if n else None)
             for k, v in coords_attrs.items():
                 c.attrs[k] = v
@@ -149,18 +163,20 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
     """Export one slide; returns its manifest row."""
     from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
     from evaluation.sources import h5_attrs, open_source, slide_id_of
+    from preprocessing.layouts import FeatureLayout
 
     t0 = time.perf_counter()
     attrs, cattrs = h5_attrs(path)
     sid = slide_id_of(path, attrs)
-    h5_path, pt_path = out_dir / "h5_files" / f"{sid}.h5", out_dir / "pt_files" / f"{sid}.pt"
+    layout = FeatureLayout(cfg.layout, out_dir, encoder.name)
+    h5_path, pt_path = layout.h5(sid), layout.pt(sid)
     source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
     desc = source.describe()
     n = len(source)
     phash = params_hash(encoder.fingerprint(), cfg, desc, n)
     row = {"slide_id": sid, "n_patches": n, "feature_dim": encoder.num_features, "encoder": encoder.name,
            "weights_sha256": encoder.info.get("sha256") or "", "read_mode": desc["read_mode"], "source": str(path),
-           "h5_path": str(h5_path), "pt_path": str(pt_path)}
+           "h5_path": str(h5_path), "pt_path": str(pt_path) if pt_path is not None else ""}
     if not cfg.overwrite and is_done(h5_path, pt_path, phash):
         return {**row, "status": "skipped", "seconds": 0.0}
     stats = EmbedStats()
@@ -184,9 +200,12 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
         "timings": {**stats.as_dict(), "seconds_slide": round(time.perf_counter() - t0, 3)},
         "format": "sgcl-features", "format_version": 1,
     }
-    write_features_h5(h5_path, feats, coords, grid, cattrs, out_attrs)
-    with atomic_path(pt_path) as tmp:
-        torch.save(torch.from_numpy(feats), tmp)
+    # `features` attrs as TRIDENT writes them (its readers ignore the rest)
+    write_features_h5(h5_path, feats, coords, grid, cattrs, out_attrs,
+                      {"name": sid, "savetodir": str(h5_path.parent), "encoder": encoder.name})
+    if pt_path is not None:
+        with atomic_path(pt_path) as tmp:
+            torch.save(torch.from_numpy(feats), tmp)
     secs = time.perf_counter() - t0
     return {**row, "status": "done", "seconds": round(secs, 3), "patches_per_second": round(n / secs, 2) if secs else 0}
 
@@ -232,12 +251,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
     from evaluation.embedding import load_encoder, resolve_device
     from evaluation.sources import count_patches, discover_inputs
+    from preprocessing.layouts import FeatureLayout, slide_id_from_file_name
 
     rank, world, local_rank = dist_env()
     out_dir = Path(cfg.out_dir)
-    for sub in ("h5_files", "pt_files"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir / sub)
     inputs = discover_inputs(cfg.inputs)
     counts = []
     for p in inputs:
@@ -251,13 +268,18 @@ def run_extract(cfg: ExtractConfig) -> dict:
         device = torch.device("cuda", local_rank)
     encoder = load_encoder(cfg.encoder, cfg.model_name, cfg.input_size, cfg.weights)
     encoder.model.to(device)
+    layout = FeatureLayout(cfg.layout, out_dir, encoder.name)
+    for folder in layout.folders():
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
     rows = []
     for path in tqdm(mine, desc=f"slides (rank {rank}/{world})", unit="slide", disable=not cfg.progress):
-        lock = FileLock(out_dir / "h5_files" / f".{path.stem}.lock")
+        sid = slide_id_from_file_name(path)
+        lock = FileLock(layout.features_dir / f".{sid}.lock")
         try:
             lock.acquire()
         except LockBusy as exc:
-            rows.append({"slide_id": path.stem, "status": "busy", "source": str(path), "rank": rank, "error": str(exc)})
+            rows.append({"slide_id": sid, "status": "busy", "source": str(path), "rank": rank, "error": str(exc)})
             continue
         try:
             row = extract_slide(path, encoder, cfg, out_dir, device)
@@ -266,7 +288,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             print(f"sgcl extract: {path}: FAILED: {msg}", file=sys.stderr)
             if os.environ.get("SGCL_DEBUG"):
                 traceback.print_exc()
-            row = {"slide_id": path.stem, "status": "failed", "source": str(path), "error": msg}
+            row = {"slide_id": sid, "status": "failed", "source": str(path), "error": msg}
         finally:
             lock.release()
         row["rank"] = rank
@@ -291,12 +313,15 @@ def _barrier(device: torch.device) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl extract", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inputs", nargs="+", help="patch/coords .h5 files or folders (inputs=)")
+    p.add_argument("--inputs", nargs="+", help="patch/coords .h5 files, folders of them, or a tiling output folder "
+                                              "of any layout (ours, CLAM's, a TRIDENT job folder) (inputs=)")
     p.add_argument("--out", help="output folder (out_dir=)")
     p.add_argument("--encoder", help="export folder, weights file, foundation encoder name (uni, conch_v1, virchow2, ...; "
                    "`--encoder list` prints them) or timm model name (encoder=)")
     p.add_argument("--weights", help="weights of a named encoder: a .bin/.pth/.pt/.safetensors file, a folder or a "
                    "Hugging Face cache folder (weights=; default: search the local HF/torch caches; never downloads)")
+    p.add_argument("--layout", choices=["default", "clam", "trident"],
+                   help="features layout: h5_files/ + pt_files/ (default, = CLAM's) or TRIDENT's features_<encoder>/")
     p.add_argument("--slide-dir", dest="slide_dir", nargs="+", help="folders with the slides, for coords-only inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--num-workers", dest="num_workers", type=int)

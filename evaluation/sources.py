@@ -1,9 +1,11 @@
 """Where the patches of one slide come from, for feature export.
 
 - :class:`StoredPatches`: an ``sgcl tile`` patch file whose ``imgs`` hold the pixels.
-- :class:`SlidePatches`: coordinates only (a CLAM/TRIDENT ``patches/<slide>.h5`` with ``coords``, or
-  our file without ``imgs``): each patch is read on the fly from the slide at its level-0 ``(x, y)``,
-  with the recorded level-0 size, at the best pyramid level, and resized to the patch size.
+- :class:`SlidePatches`: coordinates only (CLAM's ``patches/<slide>.h5``, TRIDENT's
+  ``<slide>_patches.h5``, or our file without ``imgs``): each patch is read on the fly from the slide at
+  its level-0 ``(x, y)``, with the recorded level-0 size (CLAM: ``patch_size`` px at ``patch_level``;
+  TRIDENT: ``patch_size`` px at ``target_magnification``), at the best pyramid level, and resized to the
+  patch size.
 
 Both are picklable map-style datasets (``__getitem__(i) -> (P, P, 3) uint8``) that open their file
 or slide lazily in each DataLoader worker.
@@ -46,8 +48,10 @@ def h5_attrs(path: Path) -> tuple[dict, dict]:
 
 
 def slide_id_of(path: Path, attrs: dict) -> str:
-    sid = attrs.get("slide_id") or path.stem
-    return str(sid)[: -len("_patches")] if str(sid).endswith("_patches") else str(sid)
+    """The file's ``slide_id`` attr (``sgcl tile``), else its name (TRIDENT's ``S_patches.h5`` -> ``S``)."""
+    from preprocessing.layouts import slide_id_from_file_name
+
+    return str(attrs.get("slide_id") or slide_id_from_file_name(path))
 
 
 def count_patches(path: Path) -> int:
@@ -179,7 +183,12 @@ def open_source(path: Path, slide_dirs: Sequence[str] = (), read_from: str = "au
     if "read_level" in attrs and "read_size" in attrs:  # an `sgcl tile` file: read exactly what the tiler read
         level0 = float(attrs.get("patch_size_level0") or cattrs.get("patch_size_level0"))
         return SlidePatches(slide, coords, out, level0, int(attrs["read_level"]), int(attrs["read_size"]))
-    if "patch_size" in cattrs:  # CLAM / TRIDENT: patch_size px at patch_level
+    if "patch_size" in cattrs and "patch_level" not in cattrs and cattrs.get("target_magnification"):
+        # TRIDENT: patch_size px at target_magnification, i.e. patch_size · level0/target magnification level-0 px
+        size = int(cattrs["patch_size"])
+        level0 = size * float(cattrs["level0_magnification"]) / float(cattrs["target_magnification"])
+        return SlidePatches(slide, coords, int(patch_size or stored_size or size), level0)
+    if "patch_size" in cattrs:  # CLAM: patch_size px at patch_level
         level = int(cattrs.get("patch_level", 0))
         read = int(cattrs["patch_size"])
         ds = cattrs.get("downsample")
@@ -194,13 +203,20 @@ def open_source(path: Path, slide_dirs: Sequence[str] = (), read_from: str = "au
 
 
 def discover_inputs(inputs: Sequence[str]) -> list[Path]:
-    """HDF5 files from files, folders (``*.h5``, sorted) and text/CSV lists (one path per line or a
-    ``path`` column)."""
+    """HDF5 files from files, folders and text/CSV lists (one path per line or a ``path`` column).
+
+    A folder is a folder of ``*.h5`` or a tiling output of any layout: ours or CLAM's (its ``patches/``)
+    or a TRIDENT job folder (its ``<mag>x_<size>px_<overlap>px_overlap/patches/``)."""
+    from preprocessing.layouts import LayoutError, patch_files_in
+
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += sorted(q for q in p.glob("*.h5") if not q.name.startswith("."))
+            try:
+                found += patch_files_in(p)
+            except LayoutError as exc:
+                raise SourceError(str(exc)) from None
         elif p.suffix in (".csv", ".txt"):
             import pandas as pd
 
@@ -215,5 +231,7 @@ def discover_inputs(inputs: Sequence[str]) -> list[Path]:
         else:
             raise SourceError(f"input {p} does not exist; pass patch/coords .h5 files, folders of them, or a CSV list")
     if not found:
-        raise SourceError(f"no .h5 inputs found in {list(inputs)}; run `sgcl tile` first or pass CLAM coords files")
+        raise SourceError(f"no .h5 inputs found in {list(inputs)} (nor in a patches/ or TRIDENT "
+                          "<mag>x_<size>px_<overlap>px_overlap/patches/ folder there); run `sgcl tile` first or "
+                          "pass CLAM/TRIDENT coords files")
     return found

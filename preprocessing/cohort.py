@@ -3,8 +3,10 @@
 ``run_cohort(cfg)`` is what ``sgcl tile`` runs. Per slide it
 1. takes ``<out>/locks/<slide_id>.lock`` (``O_EXCL``; a slide locked by another live process is
    ``skipped`` as busy, so two processes on one output folder never write the same slide);
-2. skips the slide when ``<out>/patches/<slide_id>.h5`` exists with the same parameter hash (and the
-   same source size/mtime), redoes it when anything changed;
+2. skips the slide when its patch file (``<out>/patches/<slide_id>.h5`` in the default layout; see
+   :mod:`preprocessing.layouts`) exists with the same parameter hash (and the same source size/mtime),
+   redoes it when anything changed. The hash is the slide's own: a slide-list CSV may override any
+   tile setting per slide (:func:`preprocessing.slide_lists.job_config`);
 3. otherwise calls :func:`preprocessing.slide_tiler.tile_slide` in a fresh child process (one reader
    handle per process, memory returned to the OS after every slide, a crash — even a segfault in a
    slide decoder — marks only that slide ``failed``).
@@ -34,7 +36,10 @@ import pandas as pd
 
 from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
 
-from .config import SLIDE_EXTENSIONS, TileConfig
+from .config import TileConfig
+from .layouts import Layout
+# CohortError, SlideJob, discover and slide_id_of live in slide_lists and are re-exported here for callers
+from .slide_lists import CohortError, SlideJob, discover, job_config, slide_id_of, write_clam_process_list  # noqa: F401
 
 MANIFEST_COLUMNS = [
     "slide_id", "path", "status", "n_patches", "mpp", "mpp_source", "achieved_mpp", "tissue_area_mm2",
@@ -42,123 +47,6 @@ MANIFEST_COLUMNS = [
 ]
 BUSY_PREFIX = "busy:"
 MANIFEST_FLUSH_SECONDS = 10.0
-
-
-class CohortError(ValueError):
-    """Bad cohort input (missing file, duplicate slide id, bad CSV or shard spec); the message says the fix."""
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    slide_id: str
-    path: Path
-    mpp: float | None = None  # per-slide override from the input CSV
-
-
-# -- discovery ------------------------------------------------------------------------------
-def slide_id_of(path: Path) -> str:
-    """File name without its slide extension (``a.ome.tiff`` -> ``a``); a DICOM folder's name."""
-    name = path.name
-    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
-def _is_slide(path: Path) -> bool:
-    return path.is_file() and any(path.name.lower().endswith(ext) for ext in SLIDE_EXTENSIONS) \
-        and not path.name.startswith(".")
-
-
-def _scan_folder(folder: Path, recursive: bool) -> list[SlideJob]:
-    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if _is_slide(p))
-    jobs, dicom_dirs = [], set()
-    for path in files:
-        if path.suffix.lower() == ".dcm":
-            # The files of one DICOM slide (one per pyramid level) share a folder: one slide per folder,
-            # opened through its first file (OpenSlide finds the rest of the series).
-            if path.parent in dicom_dirs:
-                continue
-            dicom_dirs.add(path.parent)
-            jobs.append(SlideJob(path.parent.name if path.parent != folder else slide_id_of(path), path))
-        else:
-            jobs.append(SlideJob(slide_id_of(path), path))
-    return jobs
-
-
-def _read_csv(csv: Path) -> list[SlideJob]:
-    try:
-        table = pd.read_csv(csv, dtype={"slide_id": str, "path": str})
-    except Exception as exc:  # pandas raises several types for unreadable CSVs
-        raise CohortError(f"{csv}: cannot read the input CSV ({exc})") from None
-    table.columns = [str(c).strip() for c in table.columns]
-    if "path" not in table.columns:
-        raise CohortError(f"{csv}: the input CSV needs a `path` column (optional: slide_id, mpp); found {list(table.columns)}")
-    unknown = sorted(set(table.columns) - {"path", "slide_id", "mpp"})
-    if unknown:
-        raise CohortError(f"{csv}: unknown column(s) {unknown}; the input CSV has columns path[,slide_id][,mpp]")
-    jobs = []
-    for i, row in table.iterrows():
-        if pd.isna(row["path"]) or not str(row["path"]).strip():
-            raise CohortError(f"{csv}, row {i + 2}: empty `path`")
-        path = Path(str(row["path"]).strip()).expanduser()
-        if not path.is_absolute():
-            path = csv.parent / path
-        if not path.exists():
-            raise CohortError(f"{csv}, row {i + 2}: slide {path} does not exist; fix the `path` column")
-        mpp = None
-        if "mpp" in table.columns and not pd.isna(row["mpp"]):
-            try:
-                mpp = float(row["mpp"])
-            except (TypeError, ValueError):
-                raise CohortError(f"{csv}, row {i + 2}: mpp {row['mpp']!r} is not a number (µm per pixel, e.g. 0.25)") from None
-            if not mpp > 0:
-                raise CohortError(f"{csv}, row {i + 2}: mpp must be > 0, got {mpp}")
-        sid = row.get("slide_id") if "slide_id" in table.columns else None
-        sid = str(sid).strip() if sid is not None and not pd.isna(sid) and str(sid).strip() else slide_id_of(path)
-        jobs.append(SlideJob(sid, path, mpp))
-    return jobs
-
-
-def discover(inputs: Sequence[str | Path], recursive: bool = False) -> list[SlideJob]:
-    """Slides from files, folders (scanned by extension) and CSVs (``path`` [+ ``slide_id``, ``mpp``]).
-
-    The same file given twice counts once; two different files with one slide id are an error naming both.
-    """
-    if not inputs:
-        raise CohortError("no inputs: pass slide files, folders or a CSV with a `path` column")
-    jobs: list[SlideJob] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if not path.exists():
-            raise CohortError(f"input {path} does not exist")
-        if path.is_dir():
-            found = _scan_folder(path, recursive)
-            if not found:
-                hint = "" if recursive else " (add --recursive to search subfolders)"
-                raise CohortError(f"folder {path} has no slide files ({', '.join(SLIDE_EXTENSIONS)}){hint}")
-            jobs += found
-        elif path.suffix.lower() == ".csv":
-            jobs += _read_csv(path)
-        elif _is_slide(path):
-            jobs.append(SlideJob(slide_id_of(path), path))
-        else:
-            raise CohortError(f"input {path} is not a slide ({', '.join(SLIDE_EXTENSIONS)}), a folder or a .csv")
-    by_id: dict[str, SlideJob] = {}
-    unique: list[SlideJob] = []
-    for job in jobs:
-        if not job.slide_id or "/" in job.slide_id or job.slide_id.startswith("."):
-            raise CohortError(f"{job.path}: invalid slide id {job.slide_id!r} (used as a file name)")
-        seen = by_id.get(job.slide_id)
-        if seen is None:
-            by_id[job.slide_id] = job
-            unique.append(job)
-        elif seen.path.resolve() != job.path.resolve():
-            raise CohortError(
-                f"duplicate slide id {job.slide_id!r}: {seen.path} and {job.path}. Slide ids name the output files; "
-                "give them distinct ids with a CSV input (columns path,slide_id) or rename one file"
-            )
-    return unique
 
 
 # -- sharding -------------------------------------------------------------------------------
@@ -224,14 +112,17 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
 
 
 def process_slide(job: SlideJob, cfg: TileConfig, out_dir: Path) -> dict:
-    """Resume check + ``tile_slide`` for one slide (runs in the child process); returns a manifest row."""
+    """Resume check + ``tile_slide`` for one slide (runs in the child process); returns a manifest row.
+
+    ``cfg`` is the slide's own config (the run's with the slide's CSV overrides, :func:`job_config`);
+    every output path comes from its :class:`~preprocessing.layouts.Layout`."""
     from .slide_tiler import SlideError, tile_slide, write_slide_geojson
 
     t0 = time.perf_counter()
-    h5 = out_dir / "patches" / f"{job.slide_id}.h5"
-    qc = out_dir / "qc" / f"{job.slide_id}.png"
-    qc_rel = f"qc/{job.slide_id}.png"
-    geojson = out_dir / "geojson" / f"{job.slide_id}.geojson" if cfg.output.geojson else None
+    layout = Layout.for_config(cfg, root=out_dir)
+    h5, qc = layout.patch_file(job.slide_id), layout.qc_picture(job.slide_id)
+    qc_rel = layout.relative(qc)
+    geojson = layout.geojson_path(job.slide_id) if cfg.output.geojson else None
     if h5.exists() and not cfg.overwrite:
         done = _existing_result(job, cfg, h5)
         if done is not None:
@@ -244,7 +135,8 @@ def process_slide(job: SlideJob, cfg: TileConfig, out_dir: Path) -> dict:
                         qc_png=qc_rel if qc.exists() else None, **done)
     try:
         result = tile_slide(job.path, h5, cfg, slide_id=job.slide_id, mpp_override=job.mpp,
-                            qc_png=qc if cfg.output.qc else None, geojson_path=geojson)
+                            qc_png=qc if cfg.output.qc else None, geojson_path=geojson,
+                            stitch=layout.stitch(job.slide_id) if cfg.output.qc else None)
     except SlideError as exc:
         return _row(job, "failed", error=str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # an unexpected bug or library error: still only this slide fails
@@ -424,8 +316,9 @@ def merge_manifests(out_dir: Path) -> pd.DataFrame:
     return latest_per_slide(pd.concat(frames, ignore_index=True))
 
 
-def finalize(out_dir: Path) -> pd.DataFrame:
-    """Merge the shard manifests into ``manifest.csv`` and render ``index.html``."""
+def finalize(out_dir: Path, layout: Layout | None = None) -> pd.DataFrame:
+    """Merge the shard manifests into ``manifest.csv``, render ``index.html`` and, in the ``clam``
+    layout, write CLAM's ``process_list_autogen.csv``."""
     from .report import write_report
 
     with manifest_lock(out_dir):
@@ -433,6 +326,9 @@ def finalize(out_dir: Path) -> pd.DataFrame:
         with atomic_path(out_dir / "manifest.csv") as tmp:
             table.to_csv(tmp, index=False)
         write_report(out_dir, table)
+        process_list = layout.process_list() if layout is not None else None
+        if process_list is not None:
+            write_clam_process_list(process_list, table)
     return table
 
 
@@ -498,11 +394,15 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
     index, count = parse_shard(cfg.shard)
     if cfg.workers < 0:
         raise CohortError(f"workers must be >= 0, got {cfg.workers}")
-    all_jobs = list(jobs) if jobs is not None else discover(cfg.inputs, cfg.recursive)
+    all_jobs = list(jobs) if jobs is not None else discover(cfg.inputs, cfg.recursive, cfg.slide_dir,
+                                                            cfg.slide_ext, log)
     mine = select_shard(all_jobs, index, count)
-    for sub in ("patches", "qc", "locks"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    for folder in (out_dir, out_dir / "patches", out_dir / "qc", out_dir / "geojson"):
+    cfgs = {job.slide_id: job_config(cfg, job) for job in mine}  # each slide's own settings (CSV overrides)
+    folders = {out_dir, out_dir / "locks"}
+    for slide_cfg in cfgs.values():
+        folders.update(Layout.for_config(slide_cfg, root=out_dir).folders())
+    for folder in sorted(folders):
+        folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
     log(f"sgcl tile: {len(mine)} of {len(all_jobs)} slides in shard {index}/{count} -> {out_dir} "
         f"({cfg.workers} worker{'s' if cfg.workers != 1 else ''})")
@@ -542,7 +442,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
                 record(job, _row(job, "skipped", warning=f"{BUSY_PREFIX} {exc}"))
                 continue
             locks[job.slide_id] = lock
-            yield job, (job, cfg, out_dir)
+            yield job, (job, cfgs[job.slide_id], out_dir)
 
     previous_term = _exit_on_sigterm()
     try:
@@ -561,6 +461,6 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
             update_manifest(shard_csv, rows.values())
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-    finalize(out_dir)
+    finalize(out_dir, Layout.for_config(cfg, root=out_dir))
     ordered = [rows[j.slide_id] for j in mine if j.slide_id in rows]
     return CohortSummary(ordered, time.perf_counter() - t0)

@@ -39,13 +39,16 @@ class OutputConfig:
     codec: Literal["raw", "lzf", "gzip", "jpeg"] = "jpeg"
     jpeg_quality: int = 90
     gzip_level: int = 4
-    qc: bool = True                  # per-slide QC PNG and the cohort index.html
-    geojson: bool = True             # per-slide tissue outlines, `geojson/<slide_id>.geojson` (level-0 px, QuPath annotations)
+    qc: bool = True                  # per-slide QC picture and the cohort index.html
+    geojson: bool = True             # per-slide tissue outlines (level-0 px, QuPath annotations); TRIDENT layout: contours_geojson/
+    layout: Literal["default", "trident", "clam"] = "default"  # output folders and names: ours, TRIDENT's job folder or CLAM's save_dir (docs/tiling.md)
 
 
 @dataclass
 class TileConfig:
-    inputs: list[str] = field(default_factory=list)  # slide files, folders or a CSV with per-slide overrides
+    inputs: list[str] = field(default_factory=list)  # slide files, folders or slide-list CSVs (ours, TRIDENT's, CLAM's) with per-slide overrides
+    slide_dir: Optional[str] = None  # folder that CSV slide names are relative to (TRIDENT `wsi`, CLAM `slide_id`); default: the CSV's folder
+    slide_ext: Optional[str] = None  # extension appended to CLAM `slide_id`s without one, e.g. .svs
     out_dir: str = "outputs/tiles"
     reader: Literal["auto", "openslide", "image", "tiatoolbox"] = "auto"
     assume_mpp: Optional[float] = None  # µm/px for slides whose header has none (a CSV `mpp` column wins)

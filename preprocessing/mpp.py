@@ -33,6 +33,12 @@ _UNIT_UM = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0, "millimeter":
             "micrometer": 1.0, "um": 1.0}
 
 
+def magnification(mpp: float) -> float:
+    """The magnification that ``mpp`` µm/px corresponds to in CLAM's and TRIDENT's convention
+    (10 µm/px ≙ 1×, so 0.5 µm/px = 20×), exact, never rounded to a nominal value."""
+    return 10.0 / float(mpp)
+
+
 class MppError(ValueError):
     """No usable µm/px for a slide."""
 

@@ -1,5 +1,6 @@
-"""Per-slide QC picture: thumbnail + tissue contour (green) + ROI outlines (magenta; excluded regions
-orange) + kept patch grid (blue) + a caption."""
+"""Per-slide QC pictures: thumbnail + tissue contour (green) + ROI outlines (magenta; excluded regions
+orange) + kept patch grid (blue) + a caption, and CLAM's "stitch" (the kept patches on black). PNG or
+JPEG by the file's suffix."""
 
 from __future__ import annotations
 
@@ -59,14 +60,36 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [cur] if cur else lines
 
 
-def write_qc_png(path: str | Path, thumbnail: np.ndarray, level0_size: tuple[int, int], tissue_mask: np.ndarray | None,
-                 coords: np.ndarray, patch_size_level0: float, caption: str, roi: Roi | None = None) -> Path:
-    """Render and write the QC PNG atomically; returns its path."""
-    img = render_qc(thumbnail, level0_size, tissue_mask, coords, patch_size_level0, caption, roi)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for {path}")
+def render_stitch(thumbnail: np.ndarray, level0_size: tuple[int, int], coords: np.ndarray,
+                  patch_size_level0: float) -> np.ndarray:
+    """RGB picture of the kept patches only (the thumbnail's pixels under them) on black, like CLAM's stitches."""
+    th, tw = thumbnail.shape[:2]
+    sx, sy = tw / level0_size[0], th / level0_size[1]
+    keep = np.zeros((th, tw), bool)
+    for x, y in np.asarray(coords).reshape(-1, 2):
+        x0, y0 = int(round(x * sx)), int(round(y * sy))
+        keep[y0:max(y0 + 1, int(round((y + patch_size_level0) * sy))), x0:max(x0 + 1, int(round((x + patch_size_level0) * sx)))] = True
+    out = np.zeros_like(thumbnail)
+    out[keep] = thumbnail[keep]
+    return out
+
+
+def write_picture(path: str | Path, img: np.ndarray, jpeg_quality: int = 90) -> Path:
+    """Write an RGB picture atomically, as PNG or JPEG by ``path``'s suffix; returns its path."""
     path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"{path}: a QC picture is .png or .jpg")
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext != ".png" else []
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise RuntimeError(f"{ext} encoding failed for {path}")
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
     return path
+
+
+def write_qc_png(path: str | Path, thumbnail: np.ndarray, level0_size: tuple[int, int], tissue_mask: np.ndarray | None,
+                 coords: np.ndarray, patch_size_level0: float, caption: str, roi: Roi | None = None) -> Path:
+    """Render and write the QC picture atomically (PNG or JPEG by ``path``'s suffix); returns its path."""
+    return write_picture(path, render_qc(thumbnail, level0_size, tissue_mask, coords, patch_size_level0, caption, roi))

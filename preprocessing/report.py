@@ -1,6 +1,7 @@
 """``<out>/index.html``: the cohort QC page a person opens in a browser.
 
-One row per slide — QC thumbnail (relative link to ``qc/<slide_id>.png``), patch count, tissue area,
+One row per slide — QC thumbnail (the manifest's ``qc_png``: a link relative to the output folder, to
+``qc/<slide_id>.png`` or wherever the output layout puts the QC picture), patch count, tissue area,
 µm/px and its source, status, error and warnings — under the cohort totals. Self-contained: inline
 CSS, no scripts, no web fonts, so it opens from a cluster share or a copied folder.
 """

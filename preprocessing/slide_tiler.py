@@ -26,7 +26,7 @@ from .config import TileConfig
 from .geojson import Roi, RoiError, file_sha256, find_roi_file, load_roi, roi_mask, write_tissue_geojson
 from .grid import PatchGeometry, make_grid, plan_geometry, resize_patch, tissue_fractions
 from .h5format import FORMAT_VERSION, PatchWriter
-from .mpp import MppError, resolve_mpp
+from .mpp import MppError, magnification, resolve_mpp
 from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
 from .tissue import TissueMask, background_fraction, detect_tissue
 
@@ -185,10 +185,11 @@ def _open(path: Path, cfg: TileConfig) -> SlideReader:
 
 def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
                mpp_override: float | None = None, qc_png: Path | None = None, progress: bool = False,
-               geojson_path: Path | None = None) -> SlideResult:
-    """Tile ``path`` into ``out_h5`` (atomically); write the QC PNG to ``qc_png`` and the tissue outlines
-    (level-0 GeoJSON, QuPath annotations) to ``geojson_path`` when given. With ``cfg.roi`` only tissue
-    inside the ROI polygons (minus those of class ``cfg.roi_exclude_class``) is tiled.
+               geojson_path: Path | None = None, stitch: Path | None = None) -> SlideResult:
+    """Tile ``path`` into ``out_h5`` (atomically); write the QC picture to ``qc_png`` (PNG or JPEG by its
+    suffix), the tissue outlines (level-0 GeoJSON, QuPath annotations) to ``geojson_path`` and CLAM's
+    stitch picture to ``stitch`` when given. With ``cfg.roi`` only tissue inside the ROI polygons (minus
+    those of class ``cfg.roi_exclude_class``) is tiled.
 
     Raises :class:`SlideError` (naming the slide and the fix) when the slide cannot be opened, has no
     µm/px, has a missing or bad ROI file, or a region cannot be decoded; no output file exists afterwards.
@@ -248,15 +249,18 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
             finally:
                 writer.close()
         qc_path = None
-        if qc_png is not None:
-            from .qc import write_qc_png
+        if qc_png is not None or stitch is not None:
+            from .qc import render_stitch, write_picture, write_qc_png
 
             thumb = reader.thumbnail(QC_THUMBNAIL)
-            caption = (f"{slide_id}: {len(coords)} patches {pc.patch_size}px at {geom.achieved_mpp:.4g} um/px | "
-                       f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2"
-                       + (f" in ROI {roi.source.name}" if roi else ""))
-            qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0, caption,
-                                       roi=roi))
+            if qc_png is not None:
+                caption = (f"{slide_id}: {len(coords)} patches {pc.patch_size}px at {geom.achieved_mpp:.4g} um/px | "
+                           f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2"
+                           + (f" in ROI {roi.source.name}" if roi else ""))
+                qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0,
+                                           caption, roi=roi))
+            if stitch is not None:
+                write_picture(stitch, render_stitch(thumb, (w0, h0), coords, geom.patch_size_level0))
         geojson = None
         if geojson_path is not None:
             geojson = str(write_tissue_geojson(geojson_path, tissue.mask, tissue.scale, slide_id))
@@ -379,16 +383,18 @@ def _clam_trident_attrs(slide_id: str, reader: SlideReader, mpp: float, geom: Pa
     They describe the READ grid: ``patch_size`` px at ``patch_level`` (and, for TRIDENT,
     ``patch_size`` px at ``target_magnification``), so both tools read exactly the region this tiler
     read and resize it to their encoder's input; our output size/µm/px are the file attrs.
+    ``save_path`` is CLAM's (the patches folder), ``savetodir`` TRIDENT's (the folder above it: the
+    ``<mag>x_<size>px_<overlap>px_overlap`` folder in the trident layout).
     """
     L = geom.read_level
     lw, lh = reader.level_dimensions[L]
     w0, h0 = reader.dimensions
-    level0_mag = 10.0 / mpp  # 10 µm/px ≙ 1x, the convention behind "0.5 µm/px = 20x"
+    level0_mag = magnification(mpp)
     return {
         "patch_size": int(geom.read_size), "patch_level": int(L),
         "downsample": np.array([geom.read_downsample, geom.read_downsample], np.float64),
         "downsampled_level_dim": np.array([lw, lh], np.int64), "level_dim": np.array([lw, lh], np.int64),
-        "name": slide_id, "save_path": str(out_h5.parent),
+        "name": slide_id, "save_path": str(out_h5.parent), "savetodir": str(out_h5.parent.parent),
         "patch_size_level0": int(round(geom.read_size * geom.read_downsample)),
         "level0_magnification": level0_mag, "target_magnification": level0_mag / geom.read_downsample,
         "overlap": int(max(0, geom.read_size - round(geom.read_stride))),

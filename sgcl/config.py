@@ -147,6 +147,30 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def leaf_keys(cls: type) -> list[str]:
+    """Dotted names of every leaf key of the config dataclass ``cls`` (e.g. ``patch.patch_size``)."""
+    hints = typing.get_type_hints(cls)
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += [f"{f.name}.{k}" for k in leaf_keys(hints[f.name])]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def with_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
+    """A copy of the config ``cfg`` with dotted ``overrides`` (parsed values, e.g. from
+    :func:`parse_override`) applied and checked like a config file: an unknown key or a wrong type
+    raises :class:`ConfigError` naming the key."""
+    tree = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    return _build(type(cfg), tree)
+
+
 def load_config(
     cls: type[T],
     path: str | Path | None = None,

@@ -71,3 +71,17 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(Cfg, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("epochs")
+
+
+def test_leaf_keys_and_with_overrides():
+    from sgcl.config import leaf_keys, with_overrides
+
+    assert leaf_keys(Cfg) == ["epochs", "out", "tags", "mpp", "amp", "optim.name", "optim.lr", "optim.betas"]
+    base = load_config(Cfg, None, ["epochs=3"])
+    cfg = with_overrides(base, {"optim.lr": 0.1, "mpp": None})
+    assert cfg.epochs == 3 and cfg.optim.lr == 0.1 and cfg.optim.betas == (0.9, 0.999)
+    assert base.optim.lr == 0.03  # the original is untouched
+    with pytest.raises(ConfigError, match="unknown key optim.lrr"):
+        with_overrides(base, {"optim.lrr": 0.1})
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        with_overrides(base, {"epochs": "many"})

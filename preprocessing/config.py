@@ -16,6 +16,7 @@ class PatchConfig:
     target_mpp: float = 0.5          # µm/px of the output patches
     patch_size: int = 224            # output patch side in pixels
     stride: Optional[int] = None     # output pixels between patch origins (None = patch_size, no overlap)
+    edge: Literal["skip", "pad_white", "pad_black"] = "skip"  # cells crossing the right/bottom slide edge: dropped, or kept, outside = 255 / 0
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TissueConfig:
 @dataclass
 class OutputConfig:
     codec: Literal["raw", "lzf", "gzip", "jpeg"] = "jpeg"
+    store_pixels: bool = True        # false (--no-pixels): coords/grid/tissue fraction only, no `imgs`, no patch pixel read
     jpeg_quality: int = 90
     gzip_level: int = 4
     qc: bool = True                  # per-slide QC PNG and the cohort index.html

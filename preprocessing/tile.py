@@ -6,6 +6,7 @@ Examples::
     sgcl tile /data/slides --recursive --out tiles --config configs/tile/20x_256.yaml --workers 8
     sgcl tile cohort.csv --out tiles --assume-mpp 0.25 tissue.pen_filter=false
     sgcl tile /data/slides --out tiles --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+    sgcl tile /data/slides --out coords --no-pixels --edge pad_black   # coordinates only, padded edge cells
 
 Inputs are slide files, folders (scanned by extension) and CSVs with a ``path`` column and optional
 ``slide_id`` and ``mpp`` (per-slide µm/px override) columns. Exit code: 0 when no slide failed,
@@ -28,6 +29,7 @@ FLAG_MAP = {
     "stride": "patch.stride", "assume_mpp": "assume_mpp", "workers": "workers", "shard": "shard",
     "codec": "output.codec", "reader": "reader", "min_tissue": "tissue.min_tissue_fraction",
     "overwrite": "overwrite", "recursive": "recursive", "qc": "output.qc", "slide_timeout": "slide_timeout_s",
+    "pixels": "output.store_pixels", "edge": "patch.edge",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -53,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slides tiled in parallel, one process each (0 = in this process, for debugging)")
     p.add_argument("--shard", default=None, metavar="I/N", help="process the I-th of N interleaved shards (array jobs)")
     p.add_argument("--codec", choices=["raw", "lzf", "gzip", "jpeg"], default=None, help="patch storage in the HDF5")
+    p.add_argument("--no-pixels", dest="pixels", action="store_false", default=None,
+                   help="coordinates only: coords, grid, tissue fraction and attrs, no imgs, no patch pixel read "
+                        "(several times faster; no per-patch background check). sgcl extract and sgcl pretrain "
+                        "read such files from the slide (output.store_pixels=false)")
+    p.add_argument("--edge", choices=["skip", "pad_white", "pad_black"], default=None,
+                   help="cells crossing the slide's right/bottom edge: skip them (default), or keep them with the "
+                        "outside filled white (255) or black (0, as CLAM/TRIDENT read it) (patch.edge)")
     p.add_argument("--reader", choices=["auto", "openslide", "image", "tiatoolbox"], default=None)
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a kept patch (default 0.5)")
     p.add_argument("--slide-timeout", type=float, default=None, metavar="SECONDS",

@@ -32,7 +32,7 @@ class TissueConfig:
     min_tissue_fraction: float = 0.5 # keep grid cells with at least this tissue fraction
     white_threshold: int = 220       # after reading: a pixel with min(RGB) above this is background
     black_threshold: int = 25        # after reading: a pixel with max(RGB) below this is background
-    max_background_fraction: float = 0.9  # drop patches whose background pixel fraction exceeds this
+    max_background_fraction: float = 0.9  # drop patches whose background pixel fraction exceeds this (not run with --no-pixels)
 
 
 @dataclass

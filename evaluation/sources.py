@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from preprocessing.h5format import PatchFile
+from preprocessing.readers.base import Background
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".svslide", ".dcm", ".png", ".jpg")
 
@@ -93,7 +94,7 @@ class SlideGeometry:
     read_size: int           # pixels read at that level
     patch_size: int          # output side (after resize)
     patch_size_level0: float
-    background: str = "white"  # what fills pixels outside the slide (preprocessing.readers.base)
+    background: Background = "white"  # what fills pixels outside the slide (preprocessing.readers.base)
 
 
 class SlidePatches:
@@ -102,7 +103,7 @@ class SlidePatches:
     pixels outside the slide are ``background`` (``"white"`` or ``"black"``)."""
 
     def __init__(self, slide_path: Path, coords: np.ndarray, patch_size: int, patch_size_level0: float,
-                 level: int | None = None, read_size: int | None = None, background: str = "white"):
+                 level: int | None = None, read_size: int | None = None, background: Background = "white"):
         self.slide_path = Path(slide_path)
         if not self.slide_path.exists():
             raise SourceError(f"slide {self.slide_path} does not exist; pass slide_dirs=[<folder with the slides>]")

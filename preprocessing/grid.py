@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import cv2
 import numpy as np
@@ -97,7 +97,7 @@ class Grid:
 EDGE_MODES: tuple[str, ...] = ("skip", "pad_white", "pad_black")
 
 
-def edge_background(edge: str) -> str:
+def edge_background(edge: str) -> Literal["white", "black"]:
     """The reader background (``preprocessing.readers.base``) that pads edge cells in ``patch.edge`` mode
     ``edge``: black for ``pad_black``, else white (``skip`` reads nothing outside the slide)."""
     return "black" if edge == "pad_black" else "white"

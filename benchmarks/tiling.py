@@ -2,6 +2,7 @@
 
     python benchmarks/tiling.py --out bench_out/tiling.json            # 40,960² px slide (a few minutes)
     python benchmarks/tiling.py --quick --out bench_out/tiling.json    # 8,192² px, for trying it out
+    python benchmarks/tiling.py --coords-vs-default                    # only coordinates-only vs default
 
 1. Builds, in ``--workdir`` (a temp folder by default, deleted afterwards), a large pyramidal JPEG-tiled
    TIFF with µm/px in the header by mosaicking the real shared slides (CMU-1 SVS, the TCGA JPEG-2000 SVS
@@ -14,8 +15,11 @@
      (``--tia-python``, built by ``.ci/tia_venv.sh``); when it cannot run, the output says why;
    - ``cohort_1worker`` / ``cohort_2workers``: the whole ``sgcl tile`` command over two copies of the slide;
    - ``ours_1proc_raw``: as ``ours_1proc`` with codec ``raw`` (no JPEG encoding);
+   - ``ours_coords_only``: ``tile_slide`` with ``output.store_pixels=false`` (``--no-pixels``: tissue
+     detection + coordinates, no patch pixel read), against ``ours_1proc`` (the default, stored JPEG);
    - peak RSS of the tiler on the large and on the 4× smaller slide.
-Targets: ours_1proc ≥ 0.8× floor, ≥ 2× TIAToolbox; peak memory independent of slide size.
+Targets: ours_1proc ≥ 0.8× floor, ≥ 2× TIAToolbox; coordinates only ≥ 3× the default; peak memory
+independent of slide size.
 The machine in CI has 2 shared CPU cores: figures are indicative.
 """
 
@@ -145,17 +149,22 @@ def child_tile(slide: str, out_h5: str, codec: str) -> dict:
     from preprocessing.slide_tiler import tile_slide
 
     cfg = TileConfig()
-    cfg.output.codec = codec
+    if codec == "coords":  # coordinates only: no imgs, no patch pixel read
+        cfg.output.store_pixels = False
+    else:
+        cfg.output.codec = codec
     baseline = _rss_mb()
     t0, c0 = time.perf_counter(), _cpu_seconds()
     result = tile_slide(Path(slide), Path(out_h5), cfg)
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     with PatchFile(out_h5) as pf:
         np.save(Path(out_h5).with_suffix(".coords.npy"), pf.coords())
-        read_size, level = int(pf.attrs["read_size"]), int(pf.attrs["read_level"])
+        result_attrs = pf.attrs
+        read_size, level = int(result_attrs["read_size"]), int(result_attrs["read_level"])
     return {"n": result.n_patches, "seconds": seconds, "cpu_seconds": cpu, "patches_per_s": result.n_patches / seconds,
             "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": baseline, "read_size": read_size, "read_level": level,
-            "tissue_area_mm2": result.tissue_area_mm2}
+            "tissue_area_mm2": result.tissue_area_mm2, "file_bytes": Path(out_h5).stat().st_size,
+            "seconds_tissue": result_attrs["seconds_tissue"], "seconds_patches": result_attrs["seconds_patches"]}
 
 
 def child_floor(slide: str, coords_npy: str, size: int, ours_h5: str) -> dict:
@@ -249,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="8,192² px slide instead of 40,960²")
     p.add_argument("--side", type=int, default=None, help="level-0 side of the large slide (multiple of 4096)")
     p.add_argument("--codec", default="jpeg", choices=["raw", "lzf", "gzip", "jpeg"])
+    p.add_argument("--coords-vs-default", action="store_true",
+                   help="measure only the default (stored JPEG) and the coordinates-only (--no-pixels) tiler")
     p.add_argument("--tia-python", default=None, help="python of the TIAToolbox venv (default: .venv-tia if present)")
     p.add_argument("--tia-max-patches", type=int, default=3000, help="TIAToolbox reads an even sample of this many")
     p.add_argument("--shared", default=str(SHARED), help="the shared data folder")
@@ -286,17 +297,33 @@ def main(argv: list[str] | None = None) -> int:
         results["sources"] = [name for name, _ in sources]
         del sources
         large = build_slide(workdir / f"mosaic_{side}.tiff", side, mosaic)
-        small = build_slide(workdir / f"mosaic_{small_side}.tiff", small_side, mosaic)
+        print(f"  large {side}² px: {large['bytes'] / 1e6:.0f} MB in {large['build_seconds']} s", flush=True)
+        results["slides"] = {"large": large}
+        if not args.coords_vs_default:
+            small = build_slide(workdir / f"mosaic_{small_side}.tiff", small_side, mosaic)
+            results["slides"]["small"] = small
+            print(f"  small {small_side}² px: {small['bytes'] / 1e6:.0f} MB", flush=True)
         del mosaic
-        results["slides"] = {"large": large, "small": small}
-        print(f"  large {side}² px: {large['bytes'] / 1e6:.0f} MB in {large['build_seconds']} s; "
-              f"small {small_side}² px: {small['bytes'] / 1e6:.0f} MB", flush=True)
 
         h5 = workdir / "ours_large.h5"
         ours = _run_child(["tile", large["path"], str(h5), args.codec], timeout)
         results["ours_1proc"] = ours
         print(f"ours, 1 process: {ours['n']} patches in {ours['seconds']:.1f} s = {ours['patches_per_s']:.0f} patches/s, "
               f"peak RSS {ours['peak_rss_mb']:.0f} MB", flush=True)
+        coords = _run_child(["tile", large["path"], str(workdir / "ours_large_coords.h5"), "coords"], timeout)
+        results["ours_coords_only"] = coords
+        coords_ratio = ours["seconds"] / coords["seconds"]
+        print(f"ours, coordinates only (--no-pixels): {coords['n']} cells in {coords['seconds']:.1f} s = "
+              f"{coords_ratio:.1f}x faster than the default ({args.codec} pixels stored; target >= 3x); "
+              f"file {coords['file_bytes'] / 1e3:.0f} kB vs {ours['file_bytes'] / 1e6:.0f} MB", flush=True)
+        if coords["n"] < ours["n"]:
+            raise RuntimeError(f"coordinates only kept {coords['n']} cells, fewer than the {ours['n']} patches stored")
+        if args.coords_vs_default:
+            results["load_average_end"] = os.getloadavg()
+            results["ratios"] = {"coords_only_vs_default_speed": coords_ratio}
+            results["targets"] = {"coords_only >= 3x default": coords_ratio >= 3}
+            print(json.dumps({"ratios": results["ratios"], "targets": results["targets"]}, indent=2))
+            return _write(args.out, results)
         raw = _run_child(["tile", large["path"], str(workdir / "ours_large_raw.h5"), "raw"], timeout)
         results["ours_1proc_raw"] = raw
         print(f"ours, 1 process, codec raw (no encoding): {raw['patches_per_s']:.0f} patches/s", flush=True)
@@ -326,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_large_vs_small": ours["peak_rss_mb"] / small_res["peak_rss_mb"],
             "peak_rss_above_imports_large_vs_small": (ours["peak_rss_mb"] - ours["rss_after_imports_mb"])
             / max(1.0, small_res["peak_rss_mb"] - small_res["rss_after_imports_mb"]),
+            "coords_only_vs_default_speed": coords_ratio,
         }
         if tia.get("status") == "ok":
             ratios["ours_vs_tiatoolbox"] = ours["patches_per_s"] / tia["patches_per_s"]
@@ -334,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours_vs_floor >= 0.8": ratios["ours_vs_floor"] >= 0.8,
             "ours_vs_tiatoolbox >= 2": ratios.get("ours_vs_tiatoolbox", float("nan")) >= 2 if tia.get("status") == "ok" else None,
             "peak memory independent of slide size (large/small <= 1.25)": ratios["peak_rss_large_vs_small"] <= 1.25,
+            "coords_only >= 3x default": coords_ratio >= 3,
         }
         print(f"peak RSS: large {ours['peak_rss_mb']:.0f} MB vs 4x smaller {small_res['peak_rss_mb']:.0f} MB "
               f"(after imports: {ours['rss_after_imports_mb']:.0f} / {small_res['rss_after_imports_mb']:.0f} MB)", flush=True)
@@ -341,10 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return _write(args.out, results)
+
+
+def _write(path: str, results: dict) -> int:
     from sgcl.utils.atomic import atomic_write_json
 
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     print(f"results: {out}")
     return 0

@@ -2,10 +2,12 @@
 
 - :class:`StoredPatches`: an ``sgcl tile`` patch file whose ``imgs`` hold the pixels.
 - :class:`SlidePatches`: coordinates only (CLAM's ``patches/<slide>.h5``, TRIDENT's
-  ``<slide>_patches.h5``, or our file without ``imgs``): each patch is read on the fly from the slide at
-  its level-0 ``(x, y)``, with the recorded level-0 size (CLAM: ``patch_size`` px at ``patch_level``;
-  TRIDENT: ``patch_size`` px at ``target_magnification``), at the best pyramid level, and resized to the
-  patch size.
+  ``<slide>_patches.h5``, or our file without ``imgs``, ``sgcl tile --no-pixels``): each patch is read on
+  the fly from the slide at its level-0 ``(x, y)``. Our files are read with the tiler's geometry
+  (``read_level``, ``read_size``, the same resize) and edge padding (``edge``: black for ``pad_black``,
+  else white); CLAM's coords with theirs (``patch_size`` px at ``patch_level``), TRIDENT's with theirs
+  (``patch_size`` px at ``target_magnification``), and outside the slide black, as their OpenSlide
+  ``read_region(...).convert("RGB")`` gives.
 
 Both are picklable map-style datasets (``__getitem__(i) -> (P, P, 3) uint8``) that open their file
 or slide lazily in each DataLoader worker.
@@ -22,6 +24,7 @@ import h5py
 import numpy as np
 
 from preprocessing.h5format import PatchFile
+from preprocessing.readers.base import Background
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".svslide", ".dcm", ".png", ".jpg")
 
@@ -94,14 +97,16 @@ class SlideGeometry:
     read_size: int           # pixels read at that level
     patch_size: int          # output side (after resize)
     patch_size_level0: float
+    background: Background = "white"  # what fills pixels outside the slide (preprocessing.readers.base)
 
 
 class SlidePatches:
     """Patches read on the fly from a slide at recorded level-0 coordinates: ``read_size`` px at
-    ``level`` (as recorded by the tiler / CLAM), resized to ``patch_size`` like the tiler does."""
+    ``level`` (as recorded by the tiler / CLAM), resized to ``patch_size`` like the tiler does;
+    pixels outside the slide are ``background`` (``"white"`` or ``"black"``)."""
 
     def __init__(self, slide_path: Path, coords: np.ndarray, patch_size: int, patch_size_level0: float,
-                 level: int | None = None, read_size: int | None = None):
+                 level: int | None = None, read_size: int | None = None, background: Background = "white"):
         self.slide_path = Path(slide_path)
         if not self.slide_path.exists():
             raise SourceError(f"slide {self.slide_path} does not exist; pass slide_dirs=[<folder with the slides>]")
@@ -114,7 +119,7 @@ class SlidePatches:
             raise SourceError(f"{self.slide_path}: level {level} does not exist (the slide has {len(ds)} levels)")
         if read_size is None:
             read_size = max(1, int(round(patch_size_level0 / ds[level])))
-        self.geometry = SlideGeometry(int(level), int(read_size), int(patch_size), float(patch_size_level0))
+        self.geometry = SlideGeometry(int(level), int(read_size), int(patch_size), float(patch_size_level0), background)
         self._reader, self._pid = reader, os.getpid()
 
     def __getstate__(self) -> dict:
@@ -127,6 +132,11 @@ class SlidePatches:
             self._reader, self._pid = open_reader(self.slide_path), os.getpid()
         return self._reader
 
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def __len__(self) -> int:
         return len(self.coords)
 
@@ -135,13 +145,16 @@ class SlidePatches:
 
         g = self.geometry
         x, y = (int(v) for v in self.coords[i])
-        img = self._get_reader().read_region(x, y, g.level, g.read_size, g.read_size)
+        img = self._get_reader().read_region(x, y, g.level, g.read_size, g.read_size, g.background)
         return np.ascontiguousarray(resize_patch(np.asarray(img)[..., :3], g.patch_size), dtype=np.uint8)
 
     def describe(self) -> dict:
         g = self.geometry
-        return {"read_mode": "slide", "slide_path": str(self.slide_path), "read_level": g.level,
+        desc = {"read_mode": "slide", "slide_path": str(self.slide_path), "read_level": g.level,
                 "read_size": g.read_size, "patch_size": g.patch_size, "patch_size_level0": g.patch_size_level0}
+        if g.background != "white":  # white was the only fill before: earlier exports keep their hash
+            desc["background"] = g.background
+        return desc
 
 
 def find_slide(slide_id: str, attrs: dict, slide_dirs: Sequence[str]) -> Path:
@@ -181,25 +194,30 @@ def open_source(path: Path, slide_dirs: Sequence[str] = (), read_from: str = "au
         stored_size = int(f["imgs"].shape[1]) if has_imgs and f["imgs"].ndim == 4 else None
     out = int(patch_size or stored_size or attrs.get("patch_size") or cattrs.get("patch_size") or 224)
     if "read_level" in attrs and "read_size" in attrs:  # an `sgcl tile` file: read exactly what the tiler read
+        from preprocessing.grid import edge_background
+
         level0 = float(attrs.get("patch_size_level0") or cattrs.get("patch_size_level0"))
-        return SlidePatches(slide, coords, out, level0, int(attrs["read_level"]), int(attrs["read_size"]))
+        return SlidePatches(slide, coords, out, level0, int(attrs["read_level"]), int(attrs["read_size"]),
+                            edge_background(str(attrs.get("edge", "skip"))))
+    # other tools' coords (CLAM / TRIDENT): OpenSlide + PIL convert("RGB") make the outside black
     if "patch_size" in cattrs and "patch_level" not in cattrs and cattrs.get("target_magnification"):
         # TRIDENT: patch_size px at target_magnification, i.e. patch_size · level0/target magnification level-0 px
         size = int(cattrs["patch_size"])
         level0 = size * float(cattrs["level0_magnification"]) / float(cattrs["target_magnification"])
-        return SlidePatches(slide, coords, int(patch_size or stored_size or size), level0)
+        return SlidePatches(slide, coords, int(patch_size or stored_size or size), level0, background="black")
     if "patch_size" in cattrs:  # CLAM: patch_size px at patch_level
         level = int(cattrs.get("patch_level", 0))
         read = int(cattrs["patch_size"])
         ds = cattrs.get("downsample")
         ds = float(np.atleast_1d(ds)[0]) if ds is not None else list(open_reader(slide).level_downsamples)[level]
         out = int(patch_size or stored_size or read)
-        return SlidePatches(slide, coords, out, float(cattrs.get("patch_size_level0") or read * ds), level, read)
+        return SlidePatches(slide, coords, out, float(cattrs.get("patch_size_level0") or read * ds), level, read,
+                            background="black")
     level0 = cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")
     if level0 is None:
         raise SourceError(f"{path}: the coords attrs name no patch size (need patch_size [+ patch_level] or "
                           "patch_size_level0); re-create the coords with `sgcl tile` or CLAM")
-    return SlidePatches(slide, coords, out, float(level0))
+    return SlidePatches(slide, coords, out, float(level0), background="black")
 
 
 def discover_inputs(inputs: Sequence[str]) -> list[Path]:

@@ -16,6 +16,7 @@ class PatchConfig:
     target_mpp: float = 0.5          # µm/px of the output patches
     patch_size: int = 224            # output patch side in pixels
     stride: Optional[int] = None     # output pixels between patch origins (None = patch_size, no overlap)
+    edge: Literal["skip", "pad_white", "pad_black"] = "skip"  # cells crossing the right/bottom slide edge: dropped, or kept, outside = 255 / 0
 
 
 @dataclass
@@ -31,12 +32,13 @@ class TissueConfig:
     min_tissue_fraction: float = 0.5 # keep grid cells with at least this tissue fraction
     white_threshold: int = 220       # after reading: a pixel with min(RGB) above this is background
     black_threshold: int = 25        # after reading: a pixel with max(RGB) below this is background
-    max_background_fraction: float = 0.9  # drop patches whose background pixel fraction exceeds this
+    max_background_fraction: float = 0.9  # drop patches whose background pixel fraction exceeds this (not run with --no-pixels)
 
 
 @dataclass
 class OutputConfig:
     codec: Literal["raw", "lzf", "gzip", "jpeg"] = "jpeg"
+    store_pixels: bool = True        # false (--no-pixels): coords/grid/tissue fraction only, no `imgs`, no patch pixel read
     jpeg_quality: int = 90
     gzip_level: int = 4
     qc: bool = True                  # per-slide QC picture and the cohort index.html

@@ -7,13 +7,18 @@ lowest-resolution pyramid level whose µm/px is ≤ the target, as ``read_size``
 The achieved µm/px (``read_size · level_mpp / patch_size``) is recorded, never a nominal
 magnification. Grid origins are placed on the read level's pixel grid so that every stored
 level-0 coordinate maps to a whole read-level pixel.
+
+Edge cells (``patch.edge``): with ``skip`` only cells whose read window lies wholly inside the read
+level are candidates; with ``pad_white``/``pad_black`` every cell whose origin lies inside the slide
+is, and the reader fills its outside part; their tissue fraction is over the whole footprint, so the
+outside part counts as background.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import cv2
 import numpy as np
@@ -89,16 +94,31 @@ class Grid:
     y0: np.ndarray       # (n_rows,)
 
 
-def make_grid(geom: PatchGeometry, level_dimensions: Sequence[tuple[int, int]]) -> Grid:
-    """Cells whose whole read window lies inside the read level (partial edge cells are dropped)."""
+EDGE_MODES: tuple[str, ...] = ("skip", "pad_white", "pad_black")
+
+
+def edge_background(edge: str) -> Literal["white", "black"]:
+    """The reader background (``preprocessing.readers.base``) that pads edge cells in ``patch.edge`` mode
+    ``edge``: black for ``pad_black``, else white (``skip`` reads nothing outside the slide)."""
+    return "black" if edge == "pad_black" else "white"
+
+
+def make_grid(geom: PatchGeometry, level_dimensions: Sequence[tuple[int, int]], edge: str = "skip") -> Grid:
+    """Candidate cells: for ``edge="skip"`` those whose whole read window lies inside the read level
+    (cells crossing the right/bottom edge are dropped), else every cell whose origin is inside it."""
+    if edge not in EDGE_MODES:
+        raise ValueError(f"patch.edge must be one of {EDGE_MODES}, got {edge!r}")
     lw, lh = level_dimensions[geom.read_level]
 
     def axis(extent: int) -> np.ndarray:
-        if extent < geom.read_size:
-            return np.zeros(0, np.int64)
-        n = int(math.floor((extent - geom.read_size) / geom.read_stride + 1e-9)) + 1
-        pos = np.round(np.arange(n) * geom.read_stride).astype(np.int64)
-        return pos[pos + geom.read_size <= extent]
+        if edge == "skip":
+            if extent < geom.read_size:
+                return np.zeros(0, np.int64)
+            n = int(math.floor((extent - geom.read_size) / geom.read_stride + 1e-9)) + 1
+            pos = np.round(np.arange(n) * geom.read_stride).astype(np.int64)
+            return pos[pos + geom.read_size <= extent]
+        pos = np.round(np.arange(int(math.ceil(extent / geom.read_stride)) + 1) * geom.read_stride).astype(np.int64)
+        return pos[pos < extent]
 
     xl, yl = axis(lw), axis(lh)
     ds = geom.read_downsample
@@ -114,18 +134,22 @@ def integral_image(mask: np.ndarray) -> np.ndarray:
     return s
 
 
-def cell_bounds(origins0: np.ndarray, size0: float, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mask-pixel [start, stop) of cells with level-0 ``origins0`` and side ``size0`` (mask px = level-0 px · scale)."""
+def cell_bounds(origins0: np.ndarray, size0: float, scale: float, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mask-pixel [start, stop) of cells with level-0 ``origins0`` and side ``size0`` (mask px = level-0 px · scale),
+    clipped to ``[0, limit]`` (``None``: not clipped)."""
     a = np.clip(np.round(origins0 * scale).astype(np.int64), 0, limit)
     b = np.clip(np.round((origins0 + size0) * scale).astype(np.int64), 0, limit)
-    b = np.maximum(b, np.minimum(a + 1, limit))
+    b = np.maximum(b, a + 1 if limit is None else np.minimum(a + 1, limit))
     return a, b
 
 
-def tissue_fractions(mask: np.ndarray, mask_scale: tuple[float, float], grid: Grid, size0: float) -> np.ndarray:
+def tissue_fractions(mask: np.ndarray, mask_scale: tuple[float, float], grid: Grid, size0: float,
+                     whole_footprint: bool = False) -> np.ndarray:
     """(n_rows, n_cols) float32 tissue fraction of every grid cell, in one vectorised pass.
 
-    ``mask_scale`` = (sx, sy): mask pixels per level-0 pixel along x and y.
+    ``mask_scale`` = (sx, sy): mask pixels per level-0 pixel along x and y. The fraction is over the
+    cell's footprint clipped to the mask, or with ``whole_footprint`` (padded edge cells) over all of
+    it, so that the part outside the slide counts as background.
     """
     if grid.n_cols == 0 or grid.n_rows == 0:
         return np.zeros((grid.n_rows, grid.n_cols), np.float32)
@@ -134,6 +158,9 @@ def tissue_fractions(mask: np.ndarray, mask_scale: tuple[float, float], grid: Gr
     xa, xb = cell_bounds(grid.x0, size0, mask_scale[0], w)
     ya, yb = cell_bounds(grid.y0, size0, mask_scale[1], h)
     total = (s[np.ix_(yb, xb)].astype(np.int64) - s[np.ix_(ya, xb)] - s[np.ix_(yb, xa)] + s[np.ix_(ya, xa)])
+    if whole_footprint:
+        xa, xb = cell_bounds(grid.x0, size0, mask_scale[0], None)
+        ya, yb = cell_bounds(grid.y0, size0, mask_scale[1], None)
     area = (yb - ya)[:, None] * (xb - xa)[None, :]
     return (total / np.maximum(area, 1)).astype(np.float32)
 

@@ -2,7 +2,9 @@
 
 Datasets
 - ``imgs``: the patches, either ``(N, P, P, 3) uint8`` (codec ``raw``/``lzf``/``gzip``) or
-  ``(N,)`` variable-length uint8 JPEG bytes (codec ``jpeg``); its attrs say which.
+  ``(N,)`` variable-length uint8 JPEG bytes (codec ``jpeg``); its attrs say which. Absent in a
+  coordinates-only file (``sgcl tile --no-pixels``): its patches are read from the slide
+  (``evaluation.sources.open_source``).
 - ``coords``: ``(N, 2) int64`` level-0 top-left ``(x, y)``; carries CLAM/TRIDENT attrs.
 - ``grid``: ``(N, 2) int32`` ``(column, row)`` on the patch grid.
 - ``tissue_fraction``: ``(N,) float32``.
@@ -25,7 +27,7 @@ FORMAT_NAME = "sgcl-patches"
 FORMAT_VERSION = 1
 Codec = Literal["raw", "lzf", "gzip", "jpeg"]
 CODECS: tuple[str, ...] = ("raw", "lzf", "gzip", "jpeg")
-REQUIRED_DATASETS = ("imgs", "coords", "grid", "tissue_fraction")
+REQUIRED_DATASETS = ("coords", "grid", "tissue_fraction")  # + ``imgs`` unless coordinates only
 
 
 class PatchFileError(ValueError):
@@ -48,15 +50,16 @@ def decode_jpeg(buf: np.ndarray) -> np.ndarray:
 
 
 class PatchWriter:
-    """Streams patches into a new patch file (use through :func:`open_patch_writer`).
+    """Streams patches into a new patch file.
 
     Rows are appended in batches (``append``); datasets grow with ``maxshape=None`` so peak
-    memory is one batch, whatever the slide size.
+    memory is one batch, whatever the slide size. ``codec=None`` writes a coordinates-only file
+    (no ``imgs``; ``append`` takes ``imgs=None``).
     """
 
-    def __init__(self, path: str | Path, patch_size: int, codec: Codec = "raw", quality: int = 90,
+    def __init__(self, path: str | Path, patch_size: int, codec: Codec | None = "raw", quality: int = 90,
                  gzip_level: int = 4, chunk_rows: int | None = None):
-        if codec not in CODECS:
+        if codec is not None and codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
         self.path = Path(path)
         self.codec = codec
@@ -64,7 +67,10 @@ class PatchWriter:
         self.n = 0
         self.file = h5py.File(self.path, "w")
         p = self.patch_size
-        if codec == "jpeg":
+        self.imgs = None
+        if codec is None:
+            pass
+        elif codec == "jpeg":
             self.imgs = self.file.create_dataset(
                 "imgs", shape=(0,), maxshape=(None,), dtype=h5py.vlen_dtype(np.uint8), chunks=(chunk_rows or 64,)
             )
@@ -76,22 +82,28 @@ class PatchWriter:
                 "imgs", shape=(0, p, p, 3), maxshape=(None, p, p, 3), dtype=np.uint8,
                 chunks=(chunk_rows or 1, p, p, 3), compression=compression, **opts,
             )
-        self.imgs.attrs["codec"] = codec
+        if self.imgs is not None:
+            self.imgs.attrs["codec"] = codec
         self.coords = self.file.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
         self.grid = self.file.create_dataset("grid", shape=(0, 2), maxshape=(None, 2), dtype=np.int32, chunks=(4096, 2))
         self.tissue = self.file.create_dataset("tissue_fraction", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(4096,))
         self.quality = int(quality)
 
-    def append(self, imgs: np.ndarray, coords: np.ndarray, grid: np.ndarray, tissue_fraction: np.ndarray) -> None:
+    def append(self, imgs: np.ndarray | None, coords: np.ndarray, grid: np.ndarray, tissue_fraction: np.ndarray) -> None:
         k = len(coords)
         if k == 0:
             return
-        if not (len(imgs) == len(grid) == len(tissue_fraction) == k):
+        if (imgs is None) != (self.imgs is None):
+            raise ValueError("pass imgs exactly when the file stores pixels (codec is not None)")
+        if not (len(grid) == len(tissue_fraction) == k and (imgs is None or len(imgs) == k)):
             raise ValueError("imgs, coords, grid and tissue_fraction must have the same length")
         start, stop = self.n, self.n + k
         for ds in (self.imgs, self.coords, self.grid, self.tissue):
-            ds.resize(stop, axis=0)
-        if self.codec == "jpeg":
+            if ds is not None:
+                ds.resize(stop, axis=0)
+        if imgs is None:
+            pass
+        elif self.codec == "jpeg":
             encoded = np.empty(k, dtype=object)
             for i, patch in enumerate(imgs):
                 encoded[i] = encode_jpeg(patch, self.quality)
@@ -206,8 +218,10 @@ class PatchFile:
         if f["coords"].ndim != 2 or f["coords"].shape[1] != 2:
             raise PatchFileError(f"{self.path}: coords must be (N, 2), got {f['coords'].shape}")
         for name in ("imgs", "grid", "tissue_fraction"):
-            if f[name].shape[0] != n:
+            if name in f and f[name].shape[0] != n:
                 raise PatchFileError(f"{self.path}: {name} has {f[name].shape[0]} rows but coords has {n}")
+        if "imgs" not in f:
+            return  # coordinates only
         codec = f["imgs"].attrs.get("codec", "raw")
         if codec not in CODECS:
             raise PatchFileError(f"{self.path}: unknown imgs codec {codec!r}")
@@ -218,8 +232,14 @@ class PatchFile:
         return int(self.file["coords"].shape[0])
 
     @property
+    def has_pixels(self) -> bool:
+        """False for a coordinates-only file (``sgcl tile --no-pixels``)."""
+        return "imgs" in self.file
+
+    @property
     def codec(self) -> str:
-        return str(self.file["imgs"].attrs.get("codec", "raw"))
+        """How ``imgs`` is stored; ``"none"`` for a coordinates-only file."""
+        return str(self.file["imgs"].attrs.get("codec", "raw")) if self.has_pixels else "none"
 
     @property
     def attrs(self) -> dict:
@@ -231,9 +251,11 @@ class PatchFile:
 
     @property
     def patch_size(self) -> int:
-        if self.codec == "jpeg":
-            return int(self.attrs.get("patch_size", decode_jpeg(self.file["imgs"][0]).shape[0]))
-        return int(self.file["imgs"].shape[1])
+        if self.codec not in ("jpeg", "none"):
+            return int(self.file["imgs"].shape[1])
+        if "patch_size" in self.file.attrs:
+            return int(self.file.attrs["patch_size"])
+        return int(decode_jpeg(self._imgs()[0]).shape[0])
 
     def coords(self) -> np.ndarray:
         return self.file["coords"][:]
@@ -244,9 +266,17 @@ class PatchFile:
     def tissue_fraction(self) -> np.ndarray:
         return self.file["tissue_fraction"][:]
 
+    def _imgs(self) -> h5py.Dataset:
+        if not self.has_pixels:
+            raise PatchFileError(
+                f"{self.path}: coordinates only (tiled with --no-pixels), no stored patches. Read them from the slide "
+                "with evaluation.sources.open_source (sgcl pretrain and sgcl extract do), or re-tile without --no-pixels"
+            )
+        return self.file["imgs"]
+
     def read(self, index: int) -> np.ndarray:
         """One patch as (P, P, 3) uint8 RGB."""
-        data = self.file["imgs"][int(index)]
+        data = self._imgs()[int(index)]
         return decode_jpeg(data) if self.codec == "jpeg" else data
 
     def read_many(self, indices: Iterable[int]) -> np.ndarray:
@@ -257,7 +287,7 @@ class PatchFile:
             return np.zeros((0, p, p, 3), np.uint8)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
-        ds = self.file["imgs"]
+        ds = self._imgs()
         if self.codec == "jpeg":
             raw = [ds[int(i)] for i in sorted_idx]
             out_sorted = np.stack([decode_jpeg(b) for b in raw])

@@ -3,7 +3,9 @@
 ``tile_slide`` is what the cohort runner calls once per slide (one reader handle per call). It
 reads large regions — one band per grid row, across consecutive kept cells, chunked in width so
 memory is bounded — and slices the patches out in memory, instead of one small read per patch.
-Peak memory is one band + one write batch, independent of slide size. The output is written under a
+Peak memory is one band + one write batch, independent of slide size. With
+``output.store_pixels=false`` no patch pixel is read: the file holds the kept cells' coordinates,
+grid and tissue fraction (from the low-resolution mask) only. The output is written under a
 temporary name and renamed when complete (``sgcl.utils.atomic.atomic_path``).
 """
 
@@ -24,7 +26,7 @@ from sgcl.utils.atomic import atomic_path
 
 from .config import TileConfig
 from .geojson import Roi, RoiError, file_sha256, find_roi_file, load_roi, roi_mask, write_tissue_geojson
-from .grid import PatchGeometry, make_grid, plan_geometry, resize_patch, tissue_fractions
+from .grid import PatchGeometry, edge_background, make_grid, plan_geometry, resize_patch, tissue_fractions
 from .h5format import FORMAT_VERSION, PatchWriter
 from .mpp import MppError, magnification, resolve_mpp
 from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
@@ -63,17 +65,25 @@ class SlideResult:
 
 
 def params_hash(cfg: TileConfig, reader: str, mpp: float, roi_sha256: str | None = None) -> str:
-    """Hash of everything that changes the patch file: patch/tissue/codec parameters, reader, µm/px, code
-    version, and the ROI file's content + exclude class when the slide has one."""
+    """Hash of everything that changes the patch file: patch/tissue/codec parameters, pixels or
+    coordinates only, edge mode, reader, µm/px, code version, and the ROI file's content + exclude class
+    when the slide has one. Options added after the first version (``patch.edge``,
+    ``output.store_pixels``, the ROI) enter it only when they differ from what that version wrote, so
+    files tiled before they existed stay valid."""
     out = cfg.output
     codec = {"codec": out.codec}
     if out.codec == "jpeg":
         codec["jpeg_quality"] = out.jpeg_quality
     if out.codec == "gzip":
         codec["gzip_level"] = out.gzip_level
+    if not out.store_pixels:
+        codec = {"store_pixels": False}  # no imgs: the codec changes nothing
+    patch = asdict(cfg.patch)
+    if patch["edge"] == "skip":
+        del patch["edge"]
     payload = {
         "tiler_version": TILER_VERSION, "format_version": FORMAT_VERSION, "reader": reader, "mpp": repr(float(mpp)),
-        "patch": asdict(cfg.patch), "tissue": asdict(cfg.tissue), "output": codec,
+        "patch": patch, "tissue": asdict(cfg.tissue), "output": codec,
     }
     if roi_sha256 is not None:  # absent without an ROI, so hashes of slides tiled before ROIs existed stay valid
         payload["roi"] = {"sha256": roi_sha256, "exclude_class": cfg.roi_exclude_class.strip().lower()}
@@ -220,8 +230,12 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
         t0 = time.perf_counter()
         tissue = slide_tissue(reader, path, mpp.value, cfg, roi, warnings)
         phash = params_hash(cfg, reader.name, mpp.value, roi.sha256 if roi else None)
-        grid = make_grid(geom, reader.level_dimensions)
-        frac = tissue_fractions(tissue.mask, tissue.scale, grid, geom.patch_size_level0)
+        try:
+            grid = make_grid(geom, reader.level_dimensions, pc.edge)
+        except ValueError as exc:
+            raise SlideError(f"{path}: {exc}; fix patch.edge in the config") from exc
+        frac = tissue_fractions(tissue.mask, tissue.scale, grid, geom.patch_size_level0,
+                                whole_footprint=pc.edge != "skip")
         keep = (frac >= tc.min_tissue_fraction) & (frac > 0)
         seconds_tissue = time.perf_counter() - t0
 
@@ -229,10 +243,13 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
         t1 = time.perf_counter()
         stats = {"n_candidates": int(keep.sum()), "n_background": 0, "n_reads": 0}
         with atomic_path(out_h5) as tmp:
-            writer = PatchWriter(tmp, pc.patch_size, codec=cfg.output.codec, quality=cfg.output.jpeg_quality,
-                                 gzip_level=cfg.output.gzip_level)
+            writer = PatchWriter(tmp, pc.patch_size, codec=cfg.output.codec if cfg.output.store_pixels else None,
+                                 quality=cfg.output.jpeg_quality, gzip_level=cfg.output.gzip_level)
             try:
-                _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, progress, slide_id)
+                if cfg.output.store_pixels:
+                    _stream_patches(reader, geom, grid, frac, keep, cfg, writer, stats, progress, slide_id)
+                else:
+                    _write_coords(grid, frac, keep, writer)
                 seconds_patches = time.perf_counter() - t1
                 coords = writer.coords[:]  # read back: nothing per patch is kept in memory while tiling
                 if grid.n_cols == 0 or grid.n_rows == 0:
@@ -274,10 +291,17 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
         reader.close()
 
 
+def _write_coords(grid, frac: np.ndarray, keep: np.ndarray, writer: PatchWriter) -> None:
+    """Coordinates only: the kept cells, row-major like ``_stream_patches``, without reading a pixel."""
+    rows, cols = np.nonzero(keep)
+    writer.append(None, np.stack([grid.x0[cols], grid.y0[rows]], 1), np.stack([cols, rows], 1), frac[rows, cols])
+
+
 def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.ndarray, keep: np.ndarray,
                     cfg: TileConfig, writer: PatchWriter, stats: dict, progress: bool,
                     slide_id: str) -> None:
     tc, r, L, P = cfg.tissue, geom.read_size, geom.read_level, geom.patch_size
+    background = edge_background(cfg.patch.edge)
     max_width = max(r, MAX_BAND_PIXELS // r)
     rows = np.nonzero(keep.any(axis=1))[0]
     # Two batch buffers: while a writer thread checks/encodes/appends one (numpy, cv2 and h5py release
@@ -321,7 +345,7 @@ def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.nda
                 bx = int(grid.x_level[run[0]])
                 width = int(grid.x_level[run[-1]]) + r - bx
                 try:
-                    band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r)
+                    band = reader.read_region(int(grid.x0[run[0]]), y0, L, width, r, background)
                 except SlideReadError as exc:
                     raise SlideError(
                         f"{exc} (grid row {j}). The slide file is corrupt or truncated: copy it again or re-export it; "
@@ -364,7 +388,10 @@ def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: Patch
         "read_downsample": geom.read_downsample, "read_size": geom.read_size,
         "patch_size": geom.patch_size, "patch_size_level0": geom.patch_size_level0,
         "stride": geom.stride, "stride_level0": geom.stride_level0,
-        "codec": cfg.output.codec, "jpeg_quality": cfg.output.jpeg_quality if cfg.output.codec == "jpeg" else 0,
+        "edge": cfg.patch.edge, "store_pixels": bool(cfg.output.store_pixels),
+        "codec": cfg.output.codec if cfg.output.store_pixels else "none",
+        "jpeg_quality": cfg.output.jpeg_quality if cfg.output.store_pixels and cfg.output.codec == "jpeg" else 0,
+        "background_check": "pixels" if cfg.output.store_pixels else "skipped: coordinates only, no pixels read",
         "tissue_params": asdict(cfg.tissue), "tissue_threshold": tissue.threshold,
         "tissue_area_mm2": tissue.area_mm2, "tissue_mask_mpp": tissue.mpp,
         "pen_area_mm2": tissue.pen_pixels * tissue.mpp ** 2 / 1e6,

@@ -9,6 +9,7 @@ Examples::
     sgcl tile /data/slides --out tiles --roi qupath_export/   # only inside <slide_id>.geojson annotations
     sgcl tile trident_list.csv --wsi-dir /data/wsis --out job --layout trident          # TRIDENT's CSV and job folder
     sgcl tile process_list_autogen.csv --slide-dir /data/slides --out clam --layout clam  # CLAM's list and save_dir
+    sgcl tile /data/slides --out coords --no-pixels --edge pad_black   # coordinates only, padded edge cells
 
 Inputs are slide files, folders (scanned by extension) and slide-list CSVs: ours (``path[,slide_id][,mpp]``),
 TRIDENT's (``wsi[,mpp]``, relative to --wsi-dir) or CLAM's (``slide_id`` [+ ``process``, ...], with
@@ -40,6 +41,7 @@ FLAG_MAP = {
     "overwrite": "overwrite", "recursive": "recursive", "qc": "output.qc", "slide_timeout": "slide_timeout_s",
     "roi": "roi", "geojson": "output.geojson",
     "layout": "output.layout", "slide_dir": "slide_dir", "slide_ext": "slide_ext",
+    "pixels": "output.store_pixels", "edge": "patch.edge",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -73,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-ext", default=None, metavar="EXT",
                    help="extension appended to CLAM slide_ids without one, e.g. .svs")
     p.add_argument("--codec", choices=["raw", "lzf", "gzip", "jpeg"], default=None, help="patch storage in the HDF5")
+    p.add_argument("--no-pixels", dest="pixels", action="store_false", default=None,
+                   help="coordinates only: coords, grid, tissue fraction and attrs, no imgs, no patch pixel read "
+                        "(several times faster; no per-patch background check). sgcl extract and sgcl pretrain "
+                        "read such files from the slide (output.store_pixels=false)")
+    p.add_argument("--edge", choices=["skip", "pad_white", "pad_black"], default=None,
+                   help="cells crossing the slide's right/bottom edge: skip them (default), or keep them with the "
+                        "outside filled white (255) or black (0, as CLAM/TRIDENT read it) (patch.edge)")
     p.add_argument("--reader", choices=["auto", "openslide", "image", "tiatoolbox"], default=None)
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a kept patch (default 0.5)")
     p.add_argument("--slide-timeout", type=float, default=None, metavar="SECONDS",

@@ -24,6 +24,7 @@ from sgcl.config import ConfigError, add_config_arguments, config_from_args
 
 FLAGS = {
     "h5_dir": "data.h5_dir",
+    "slide_dir": "data.slide_dirs",
     "out": "train.out_dir",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--h5-dir", dest="h5_dir", help="folder of .h5 patch files (data.h5_dir)")
+    p.add_argument("--slide-dir", dest="slide_dir", action="append", metavar="DIR",
+                   help="folder with the slides of coordinates-only files (sgcl tile --no-pixels), repeatable "
+                        "(data.slide_dirs; default: each file's source_path attr)")
     p.add_argument("--out", help="output folder (train.out_dir)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="train.max_steps")

@@ -174,3 +174,61 @@ def test_a_corrupt_patch_stops_by_default_and_is_replaced_with_skip_bad(tmp_path
     with pytest.warns(RuntimeWarning, match="cannot read patch 1"):
         item = ds[1]
     assert item["index"] == 1 and np.array_equal(item["image"], ds[2]["image"])
+
+
+def _tile(slide, out, store_pixels: bool, mpp=None):
+    from preprocessing.config import TileConfig
+    from preprocessing.slide_tiler import tile_slide
+
+    cfg = TileConfig()
+    cfg.patch.target_mpp, cfg.patch.patch_size = 1.0, 64
+    cfg.output.codec, cfg.output.qc, cfg.output.store_pixels = "raw", False, store_pixels
+    cfg.tissue.max_background_fraction = 1.0  # the same cells with and without pixels
+    tile_slide(slide, out, cfg, mpp_override=mpp)
+    return out
+
+
+def test_coordinates_only_file_yields_the_stored_raw_pixels(tmp_path):
+    """A --no-pixels file is read from its slide (found at its source_path attr, or in slide_dirs) and
+    gives the same images, grid and slide ids as the stored raw file of the same slide."""
+    slide = shared_path("wsi", "cmu-1-small-region.svs")
+    stored = PatchDataset(_tile(slide, tmp_path / "pix" / "cmu.h5", True))
+    coords = PatchDataset(_tile(slide, tmp_path / "coords" / "cmu.h5", False), cache_files=1)
+    assert len(coords) == len(stored) > 100 and coords.slide_ids == stored.slide_ids == ["cmu-1-small-region"]
+    np.testing.assert_array_equal(coords.grid_of, stored.grid_of)
+    assert coords.open_files == 0
+    for i in range(len(stored)):
+        np.testing.assert_array_equal(coords[i]["image"], stored[i]["image"])
+    assert coords.open_files == 1
+    coords.close()
+    # moved slides: the recorded path is gone -> a clear error at construction, fixed by slide_dirs
+    moved = tmp_path / "moved" / "cmu.h5"
+    moved.parent.mkdir()
+    moved.write_bytes((tmp_path / "coords" / "cmu.h5").read_bytes())
+    with h5py.File(moved, "r+") as f:
+        f.attrs["source_path"] = str(tmp_path / "gone" / slide.name)
+    with pytest.raises(DatasetError, match=r"moved/cmu\.h5: coordinates only.*data\.slide_dirs"):
+        PatchDataset(moved)
+    ds = PatchDataset(moved, slide_dirs=[str(slide.parent)])
+    np.testing.assert_array_equal(ds[len(ds) - 1]["image"], stored[len(stored) - 1]["image"])
+
+
+def test_tiny_pretraining_on_a_coordinates_only_folder(tmp_path):
+    """sgcl pretrain trains from --no-pixels files (two real slides), reading patches in a loader worker."""
+    from sgcl.config import load_config
+    from sgcl.train.config import PretrainConfig
+    from sgcl.train.trainer import Trainer
+
+    folder = tmp_path / "coords"
+    _tile(shared_path("wsi", "cmu-1-small-region.svs"), folder / "cmu1.h5", False)
+    _tile(shared_path("wsi", "tcga-cr-7395-01a-01-ts1.svs"), folder / "tcga.h5", False, mpp=0.25)
+    with h5py.File(folder / "tcga.h5", "r") as f:
+        assert "imgs" not in f
+    torch.set_num_threads(1)
+    cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml",
+                      [f"data.h5_dir={folder}", f"train.out_dir={tmp_path / 'run'}", "train.progress=false",
+                       "train.max_steps=3", "train.export=false", "data.workers=1"])
+    trainer = Trainer(cfg)
+    rows = trainer.fit()
+    assert trainer.dataset.num_slides == 2 and len(trainer.dataset) > 100
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)

@@ -172,3 +172,93 @@ def test_torchrun_two_ranks_write_their_slides_and_merge_manifest(tmp_path):
     assert {k: v["status"] for k, v in m.items()} == {"s1": "done", "s2": "done", "s3": "done"}
     assert m["s1"]["rank"] == "0" and m["s2"]["rank"] == "1" and m["s3"]["rank"] == "1"
     assert not list((tmp_path / "out").glob("manifest.rank*.csv"))
+
+
+def _tile(slide, out, mpp=None, **keys):
+    from preprocessing.config import TileConfig
+    from preprocessing.slide_tiler import tile_slide
+
+    cfg = TileConfig()
+    cfg.output.codec, cfg.output.qc, cfg.tissue.max_background_fraction = "raw", False, 1.0  # same cells both ways
+    for key, value in keys.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    tile_slide(slide, out, cfg, mpp_override=mpp)
+    return out
+
+
+@pytest.mark.parametrize("case", ["tcga_level0_pad_black", "cmu_resized"])
+def test_no_pixels_file_reads_back_the_stored_raw_patches(case, tmp_path):
+    """A --no-pixels file read from the slide (evaluation.sources.open_source -> SlidePatches) gives the
+    stored raw patches pixel for pixel: same level, read size, resize and edge padding (edge cells of
+    the TCGA slide padded black; CMU read at 224 px and resized to 112)."""
+    from conftest import shared_path
+    from evaluation.sources import SlidePatches, StoredPatches, open_source
+
+    if case == "tcga_level0_pad_black":
+        slide, mpp, keys = shared_path("wsi", "tcga-cr-7395-01a-01-ts1.svs"), 0.5, {"patch__edge": "pad_black"}
+    else:
+        slide, mpp, keys = shared_path("wsi", "cmu-1-small-region.svs"), None, {"patch__target_mpp": 1.0,
+                                                                               "patch__patch_size": 112}
+    stored = open_source(_tile(slide, tmp_path / "pix" / f"{slide.stem}.h5", mpp, **keys))
+    fly = open_source(_tile(slide, tmp_path / "coords" / f"{slide.stem}.h5", mpp, output__store_pixels=False, **keys))
+    assert isinstance(stored, StoredPatches) and isinstance(fly, SlidePatches)
+    desc = fly.describe()
+    with h5py.File(tmp_path / "pix" / f"{slide.stem}.h5", "r") as f:
+        a = dict(f.attrs)
+        np.testing.assert_array_equal(fly.coords, f["coords"][:])
+    assert (desc["read_level"], desc["read_size"], desc["patch_size"]) == (a["read_level"], a["read_size"], a["patch_size"])
+    assert len(fly) == len(stored) > 20
+    got = np.stack([fly[i] for i in range(len(fly))])
+    np.testing.assert_array_equal(got, stored.file.read_many(range(len(stored))))
+    if case == "tcga_level0_pad_black":
+        assert desc["background"] == "black"
+        edge = fly.coords[:, 0] + 224 > a["level0_width"]
+        assert edge.sum() == 4 and (got[edge][:, :, 187:] == 0).all()  # 4443 - 4256 = 187 px inside
+    else:
+        assert (a["read_size"], a["patch_size"], desc.get("background", "white")) == (224, 112, "white")
+
+
+def test_no_pixels_features_equal_stored_features(tmp_path):
+    from conftest import shared_path
+
+    slide = shared_path("wsi", "cmu-1-small-region.svs")
+    _tile(slide, tmp_path / "pix" / "cmu.h5")
+    _tile(slide, tmp_path / "coords" / "cmu.h5", output__store_pixels=False)
+    for name in ("pix", "coords"):
+        assert extract_main(["--inputs", str(tmp_path / name), "--out", str(tmp_path / f"f_{name}"), *ENC]) == 0
+    sid = slide.stem  # the slide id attr; the slide is found at the file's source_path attr
+    stored = torch.load(tmp_path / "f_pix" / "pt_files" / f"{sid}.pt", weights_only=True)
+    fly = torch.load(tmp_path / "f_coords" / "pt_files" / f"{sid}.pt", weights_only=True)
+    assert stored.shape[0] > 30 and _manifest(tmp_path / "f_coords")[sid]["read_mode"] == "slide"
+    assert torch.equal(fly, stored)
+
+
+def test_clam_coords_are_padded_black_like_clam(tmp_path):
+    """CLAM/TRIDENT coords (no read_level/read_size attrs) crossing the right/bottom edge: read as they read
+    them, OpenSlide read_region(coord, patch_level, (patch_size,)*2).convert("RGB"), i.e. black outside
+    the slide, pixel for pixel (level 0 of CMU-1, and TCGA's non-integer level 1 with partly transparent
+    edge pixels)."""
+    import openslide
+
+    from conftest import shared_path
+    from evaluation.sources import SlidePatches, open_source
+
+    for name, level in (("cmu-1-small-region.svs", 0), ("tcga-cr-7395-01a-01-ts1.svs", 1)):
+        slide = shared_path("wsi", name)
+        wsi = openslide.OpenSlide(str(slide))
+        w0, h0 = wsi.dimensions
+        coords = np.array([[w0 - 100, 400], [400, h0 - 60], [w0 - 150, h0 - 150], [448, 448]], np.int64)
+        path = tmp_path / str(level) / f"{slide.stem}.h5"
+        path.parent.mkdir()
+        with h5py.File(path, "w") as f:
+            c = f.create_dataset("coords", data=coords)
+            c.attrs["patch_size"], c.attrs["patch_level"] = 224, level
+        src = open_source(path, [str(slide.parent)])
+        assert isinstance(src, SlidePatches) and src.describe()["background"] == "black"
+        for i, (x, y) in enumerate(coords):
+            theirs = np.asarray(wsi.read_region((int(x), int(y)), level, (224, 224)).convert("RGB"))
+            np.testing.assert_array_equal(src[i], theirs)
+        inside = int(np.ceil((w0 - coords[0, 0]) / wsi.level_downsamples[level]))  # columns inside the slide
+        assert (src[0][:, inside + 1:] == 0).all() and (src[0][:, :inside - 1] > 0).any(axis=-1).all()
+        assert (src[1][61:] == 0).all() if level == 0 else (src[1][31:] == 0).all()

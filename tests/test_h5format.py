@@ -37,3 +37,25 @@ def test_wrong_layout_names_the_file(tmp_path):
         f["features"] = np.zeros((2, 4))
     with pytest.raises(PatchFileError, match="bad.h5.*sgcl tile"):
         PatchFile(bad)
+
+
+def test_coordinates_only_file(tmp_path):
+    """codec=None: coords, grid and tissue fraction without `imgs`; reading a patch says how to get it."""
+    import h5py
+
+    from preprocessing.h5format import PatchWriter, is_patch_file
+
+    coords = np.array([[0, 0], [224, 0], [0, 224]])
+    writer = PatchWriter(tmp_path / "c.h5", 224, codec=None)
+    writer.append(None, coords, coords // 224, np.array([0.5, 0.75, 1.0]))
+    with pytest.raises(ValueError, match="imgs"):
+        writer.append(np.zeros((1, 224, 224, 3), np.uint8), coords[:1], coords[:1], np.ones(1))
+    writer.set_attrs({"slide_id": "c", "patch_size": 224})
+    writer.close()
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert sorted(f.keys()) == ["coords", "grid", "tissue_fraction"]
+    pf = PatchFile(tmp_path / "c.h5")
+    assert is_patch_file(tmp_path / "c.h5") and not pf.has_pixels and pf.codec == "none" and pf.patch_size == 224
+    assert len(pf) == 3 and (pf.coords() == coords).all() and pf.tissue_fraction().tolist() == [0.5, 0.75, 1.0]
+    with pytest.raises(PatchFileError, match=r"c\.h5: coordinates only"):
+        pf.read_many([0, 1])

@@ -173,3 +173,39 @@ def test_openslide_fast_read_equals_public_api():
             slow = rgba_to_rgb(np.asarray(r._slide.read_region((x, y), level, (rw, rh))))
             np.testing.assert_array_equal(fast, slow)
         assert (r.read_region(w - 10, h - 10, 0, 40, 40)[20:, 20:] == 255).all()
+
+
+def test_black_background_is_what_openslide_python_and_pil_convert_give():
+    """``background="black"`` equals CLAM/TRIDENT's ``read_region(...).convert("RGB")`` pixel for pixel on a
+    real slide, for regions crossing the right/bottom edge at level 0 and at the non-integer level 1
+    (where OpenSlide returns partly transparent edge pixels)."""
+    import openslide
+
+    path = shared_path("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    wsi = openslide.OpenSlide(str(path))
+    with open_slide(path) as r:
+        assert r.level_downsamples[1] == pytest.approx(2.0005, abs=1e-4)
+        for level in (0, 1):
+            lw, lh = r.level_dimensions[level]
+            ds = r.level_downsamples[level]
+            x0, y0 = int(round((lw - 100) * ds)), int(round((lh - 60) * ds))
+            rgba = np.asarray(wsi.read_region((x0, y0), level, (224, 224)))
+            theirs = np.asarray(wsi.read_region((x0, y0), level, (224, 224)).convert("RGB"))
+            outside = rgba[..., 3] == 0
+            assert outside[:, 101:].all() and outside[61:, :].all() and not outside[:60, :100].any()
+            assert (theirs[outside] == 0).all()  # transparent -> black after convert("RGB")
+            black = r.read_region(x0, y0, level, 224, 224, background="black")
+            np.testing.assert_array_equal(black, theirs)
+            white = r.read_region(x0, y0, level, 224, 224)
+            assert (white[outside] == 255).all()
+            np.testing.assert_array_equal(white[rgba[..., 3] == 255], theirs[rgba[..., 3] == 255])
+            assert ((rgba[..., 3] > 0) & (rgba[..., 3] < 255)).any() == (level == 1)
+            # the PIL route (no fast path) gives the same
+            np.testing.assert_array_equal(rgba_to_rgb(rgba, "black"), theirs)
+
+
+def test_image_reader_pads_with_the_background(tmp_path):
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 512, 512, mpp=0.5)
+    with ImageReader(slide) as ir:
+        region = ir.read_region(480, 480, 0, 64, 64, background="black")
+        assert (region[32:] == 0).all() and (region[:, 32:] == 0).all() and (region[:32, :32] > 0).any()

@@ -306,3 +306,115 @@ def test_plain_png_through_image_reader(tmp_path):
     assert pf.attrs["reader"] == "image" and res.mpp_source == "header:tiff.XResolution" and res.n_patches > 5
     for i, (x, y) in enumerate(pf.coords()):
         np.testing.assert_array_equal(pf.read(i), img[y:y + 224, x:x + 224])
+
+
+# -- coordinates only (output.store_pixels=false) and edge cells (patch.edge) ----------------------
+
+def test_params_hash_of_coordinates_only_and_edge_modes():
+    base = make_cfg(codec="jpeg")
+    assert params_hash(base, "openslide", 0.5) == "c28fbe59558c7ea4"  # the v1 default: earlier files stay valid
+    h = params_hash(base, "openslide", 0.5)
+    coords_only = make_cfg(codec="jpeg")
+    coords_only.output.store_pixels = False
+    h_coords = params_hash(coords_only, "openslide", 0.5)
+    assert h_coords != h
+    coords_only.output.codec = "raw"  # no imgs: the codec changes nothing
+    assert params_hash(coords_only, "openslide", 0.5) == h_coords
+    hashes = {h}
+    for edge in ("pad_white", "pad_black"):
+        cfg = make_cfg(codec="jpeg")
+        cfg.patch.edge = edge
+        hashes.add(params_hash(cfg, "openslide", 0.5))
+    assert len(hashes) == 3
+
+
+def test_coordinates_only_writes_the_cells_without_reading_pixels(tmp_path, monkeypatch):
+    """--no-pixels on a real slide: the same cells, grid, tissue fractions and attrs (CLAM/TRIDENT coords
+    attrs included) as a stored-pixel run whose background check keeps everything, and no `imgs`."""
+    slide = shared_path("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    low = {"min_tissue_fraction": 0.05}  # low enough that the default background check drops some cells
+    pixels = tile_slide(slide, tmp_path / "pix.h5", make_cfg(codec="raw", max_background_fraction=1.0, **low),
+                        mpp_override=0.5)
+    default = tile_slide(slide, tmp_path / "default.h5", make_cfg(codec="raw", **low), mpp_override=0.5)
+
+    def no_patch_reads(*args, **kwargs):
+        raise AssertionError("a coordinates-only run must not read patch pixels")
+
+    monkeypatch.setattr(slide_tiler, "_stream_patches", no_patch_reads)
+    cfg = make_cfg(codec="raw", **low)
+    cfg.output.store_pixels = False
+    res = tile_slide(slide, tmp_path / "coords.h5", cfg, mpp_override=0.5)
+    assert res.n_patches == pixels.n_patches > 150
+    with h5py.File(tmp_path / "pix.h5", "r") as a, h5py.File(tmp_path / "coords.h5", "r") as b:
+        assert "imgs" not in b and sorted(b.keys()) == ["coords", "grid", "tissue_fraction"]
+        for name in ("coords", "grid", "tissue_fraction"):
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+        assert dict(a["coords"].attrs).keys() == dict(b["coords"].attrs).keys()
+        for key, value in a["coords"].attrs.items():
+            np.testing.assert_array_equal(value, b["coords"].attrs[key])
+        assert set(a.attrs) == set(b.attrs)
+        assert (b.attrs["codec"], bool(b.attrs["store_pixels"]), b.attrs["n_region_reads"]) == ("none", False, 0)
+        assert b.attrs["background_check"].startswith("skipped") and a.attrs["background_check"] == "pixels"
+        assert b.attrs["params_hash"] == res.params_hash != a.attrs["params_hash"]
+    pf = PatchFile(tmp_path / "coords.h5")
+    assert not pf.has_pixels and pf.codec == "none" and pf.patch_size == 224 and len(pf) == res.n_patches
+    with pytest.raises(Exception, match=r"coords\.h5: coordinates only.*open_source.*without --no-pixels"):
+        pf.read(0)
+    # the default background check drops cells that a coordinates-only file keeps
+    dropped = PatchFile(tmp_path / "default.h5").attrs["n_background_dropped"]
+    assert dropped > 0 and default.n_patches + dropped == res.n_patches
+    assert PatchFile(tmp_path / "coords.h5").attrs["n_background_dropped"] == 0
+
+
+def _edge_cells(pf):
+    a, c = pf.attrs, pf.coords()
+    return (c[:, 0] + a["read_size"] > a["level0_width"]) | (c[:, 1] + a["read_size"] > a["level0_height"])
+
+
+def test_edge_modes_on_a_real_slide(tmp_path):
+    """TCGA at 0.5 µm/px (level 0, 4443 × 3567 px): a 224-px grid has a partial last column (x = 4256,
+    187 px inside) and row (y = 3360, 207 px inside). skip drops them; pad_white / pad_black keep the ones
+    with enough tissue and fill their outside with 255 / 0; every other patch is the same in all modes."""
+    slide = shared_path("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    files = {}
+    for edge in ("skip", "pad_white", "pad_black"):
+        cfg = make_cfg(codec="raw")
+        cfg.patch.edge = edge
+        tile_slide(slide, tmp_path / f"{edge}.h5", cfg, mpp_override=0.5)
+        files[edge] = PatchFile(tmp_path / f"{edge}.h5")
+    skip, white, black = files["skip"], files["pad_white"], files["pad_black"]
+    w0, h0 = skip.attrs["level0_width"], skip.attrs["level0_height"]
+    assert (w0, h0) == (4443, 3567) and skip.attrs["edge"] == "skip" and black.attrs["edge"] == "pad_black"
+    assert not _edge_cells(skip).any()  # nothing crosses the level-0 boundary
+    np.testing.assert_array_equal(white.coords(), black.coords())
+    edge = _edge_cells(black)
+    assert edge.sum() == 8, edge.sum()  # the partial cells with >= 50 % tissue over their whole footprint
+    coords = black.coords()
+    assert ((coords[edge, 0] == 4256) | (coords[edge, 1] == 3360)).all()
+    inside_share = np.minimum((w0 - coords[edge, 0]) / 224, 1) * np.minimum((h0 - coords[edge, 1]) / 224, 1)
+    assert (black.tissue_fraction()[edge] <= inside_share + 0.08).all()  # the outside counts as background
+    np.testing.assert_array_equal(coords[~edge], skip.coords())
+    np.testing.assert_array_equal(black.read_many(np.nonzero(~edge)[0]), skip.read_many(range(len(skip))))
+    with open_slide(slide) as r:
+        for i in np.nonzero(edge)[0]:
+            x, y = (int(v) for v in coords[i])
+            iw, ih = min(224, w0 - x), min(224, h0 - y)
+            b, w = black.read(i), white.read(i)
+            assert (b[ih:] == 0).all() and (b[:, iw:] == 0).all()
+            assert (w[ih:] == 255).all() and (w[:, iw:] == 255).all()
+            np.testing.assert_array_equal(b[:ih, :iw], w[:ih, :iw])
+            np.testing.assert_array_equal(b[:ih, :iw], r.read_region(x, y, 0, iw, ih))
+
+
+def test_make_grid_edge_cells():
+    from preprocessing.grid import make_grid, plan_geometry
+
+    geom = plan_geometry([1.0, 4.0], 0.5, 0.5, 224, 112)  # level 0, 112-px stride
+    skip = make_grid(geom, [(1000, 500), (250, 125)], "skip")
+    pad = make_grid(geom, [(1000, 500), (250, 125)], "pad_black")
+    assert skip.x0.tolist() == [0, 112, 224, 336, 448, 560, 672] and skip.y0.tolist() == [0, 112, 224]
+    assert pad.x0.tolist() == skip.x0.tolist() + [784, 896] and pad.y0.tolist() == [0, 112, 224, 336, 448]
+    assert make_grid(geom, [(100, 100), (25, 25)], "skip").n_cols == 0
+    assert make_grid(geom, [(100, 100), (25, 25)], "pad_white").x0.tolist() == [0]  # smaller than a patch
+    with pytest.raises(ValueError, match="patch.edge"):
+        make_grid(geom, [(1000, 500)], "pad")

@@ -200,3 +200,25 @@ def test_report_escapes_and_counts(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;" in page and "a&lt;b&gt;" in page
     assert "zero patches<b>1</b>" in page and "patches<b>12</b>" in page and "failed<b>1</b>" in page
     assert "qc/missing.png" not in page  # no broken image links
+
+
+def test_no_pixels_and_edge_flags(demo_slide, tmp_path, capsys):
+    cfg, _ = parse_config(["a.svs", "--no-pixels", "--edge", "pad_black"])
+    assert cfg.output.store_pixels is False and cfg.patch.edge == "pad_black"
+    cfg, _ = parse_config(["a.svs", "output.store_pixels=false", "patch.edge=pad_white"])
+    assert cfg.output.store_pixels is False and cfg.patch.edge == "pad_white"
+    assert parse_config(["a.svs"])[0].output.store_pixels is True and parse_config(["a.svs"])[0].patch.edge == "skip"
+    assert main(["a.svs", "patch.edge=pad"]) == 2 and "patch.edge" in capsys.readouterr().err
+
+    out = tmp_path / "coords"
+    assert main([str(demo_slide), "--out", str(out), "-q", "--no-pixels", "--no-qc"]) == 0
+    row = pd.read_csv(out / "manifest.csv").iloc[0]
+    with PatchFile(out / "patches" / "CMU-1-Small-Region.h5") as pf:
+        assert row["status"] == "done" and not pf.has_pixels and len(pf) == row["n_patches"] > 30
+        assert row["params_hash"] == pf.attrs["params_hash"]
+    assert main([str(demo_slide), "--out", str(out), "-q", "--no-pixels", "--no-qc"]) == 0  # resumes: skipped
+    assert pd.read_csv(out / "manifest.csv").iloc[0]["status"] == "skipped"
+    assert main([str(demo_slide), "--out", str(out), "-q", "--no-qc"]) == 0  # pixels wanted now: redone
+    row = pd.read_csv(out / "manifest.csv").iloc[0]
+    with PatchFile(out / "patches" / "CMU-1-Small-Region.h5") as pf:
+        assert row["status"] == "done" and pf.has_pixels and pf.codec == "jpeg"

@@ -1,9 +1,14 @@
 """The one reader interface every slide format goes through.
 
 A reader exposes an OpenSlide-like pyramid: level-0 ``dimensions``, per-level dimensions and
-downsamples, ``read_region(x0, y0, level, w, h)`` with a level-0 origin, returning an RGB uint8
-array (transparent pixels composited onto white), plus ``properties`` (header key/values, used by
-:mod:`preprocessing.mpp`) and ``vendor``.
+downsamples, ``read_region(x0, y0, level, w, h, background)`` with a level-0 origin, returning an RGB
+uint8 array, plus ``properties`` (header key/values, used by :mod:`preprocessing.mpp`) and ``vendor``.
+
+Transparent pixels (outside the slide, gaps of sparse formats) become ``background``:
+- ``"white"`` (default): composited onto white;
+- ``"black"``: the alpha channel dropped the way OpenSlide-python + PIL ``.convert("RGB")`` do it
+  (what CLAM and TRIDENT read): fully transparent pixels are black, partly transparent ones keep
+  their un-premultiplied colour.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import cv2
 import numpy as np
+
+
+Background = Literal["white", "black"]
+BACKGROUNDS: tuple[str, ...] = ("white", "black")
 
 
 class SlideOpenError(RuntimeError):
@@ -25,8 +34,9 @@ class SlideReadError(RuntimeError):
     """A region that cannot be decoded (corrupt tile, truncated file)."""
 
 
-def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite a straight-alpha RGBA uint8 array onto white; returns a new RGB array."""
+def rgba_to_rgb(rgba: np.ndarray, background: Background = "white") -> np.ndarray:
+    """A straight-alpha RGBA uint8 array as RGB: composited onto white, or for ``"black"`` with the
+    alpha dropped and fully transparent pixels set to 0 (PIL's RGBA→RGB on OpenSlide's output)."""
     if rgba.ndim != 3:
         raise ValueError(f"expected an (H, W, C) image, got shape {rgba.shape}")
     if rgba.shape[2] == 3:
@@ -38,6 +48,8 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     rgb, alpha = rgba[..., :3], rgba[..., 3]
     if cv2.minMaxLoc(alpha)[0] == 255:
         return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    if background == "black":
+        return np.where(alpha[..., None] == 0, np.uint8(0), rgb).astype(np.uint8)
     a = alpha.astype(np.uint16)[..., None]
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
@@ -93,8 +105,9 @@ class SlideReader(ABC):
 
     # -- pixels ---------------------------------------------------------------------------
     @abstractmethod
-    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB of the region at ``level`` whose top-left is level-0 (x0, y0)."""
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int, background: Background = "white") -> np.ndarray:
+        """(h, w, 3) uint8 RGB of the region at ``level`` whose top-left is level-0 (x0, y0); pixels
+        outside the slide are ``background`` (module docstring)."""
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as RGB (use only on low-resolution levels)."""

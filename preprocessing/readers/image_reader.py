@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .base import SlideOpenError, SlideReader, rgba_to_rgb
+from .base import Background, SlideOpenError, SlideReader, rgba_to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MIN_LEVEL_SIDE = 256
@@ -96,11 +96,11 @@ class ImageReader(SlideReader):
             self._levels[level] = cv2.resize(prev, (w, h), interpolation=cv2.INTER_AREA)
         return self._levels[level]  # type: ignore[return-value]
 
-    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int, background: Background = "white") -> np.ndarray:
         img = self._level(level)
         ds = self._ds[level]
         lx, ly = int(x0 // ds), int(y0 // ds)
-        out = np.full((int(h), int(w), 3), 255, np.uint8)  # outside the image = white, like OpenSlide
+        out = np.full((int(h), int(w), 3), 0 if background == "black" else 255, np.uint8)  # outside the image
         lh, lw = img.shape[:2]
         sx0, sy0 = max(lx, 0), max(ly, 0)
         sx1, sy1 = min(lx + w, lw), min(ly + h, lh)

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .base import SlideOpenError, SlideReader, SlideReadError, rgba_to_rgb
+from .base import Background, SlideOpenError, SlideReader, SlideReadError, rgba_to_rgb
 
 
 def _fast_read_function():
@@ -26,7 +26,18 @@ def _fast_read_function():
 
 
 _FAST_READ = _fast_read_function()
-CACHE_MB = 128  # decoded-tile cache per open slide
+CACHE_MB = 128  # decoded-tile cache of a process, shared by the slides it opens
+_PROCESS_CACHE: tuple[int, object] | None = None  # (pid, OpenSlideCache)
+
+
+def _process_cache(openslide, capacity: int):
+    """One OpenSlide tile cache per process, shared by every slide it opens (OpenSlide ≥ 4.0 allows
+    that), so a loader holding many slides open for random reads stays within one cache's memory.
+    A forked child makes its own."""
+    global _PROCESS_CACHE
+    if _PROCESS_CACHE is None or _PROCESS_CACHE[0] != os.getpid():
+        _PROCESS_CACHE = (os.getpid(), openslide.OpenSlideCache(capacity))
+    return _PROCESS_CACHE[1]
 
 
 class OpenSlideReader(SlideReader):
@@ -49,27 +60,28 @@ class OpenSlideReader(SlideReader):
     def _set_cache(self) -> None:
         """A tile cache that holds a whole tile row of a wide slide (OpenSlide's default, 32 MiB, does not
         for slides wider than ~32k px, so every tile straddling two patch rows is decoded twice).
-        Bounded, so memory does not grow with slide size; ``SGCL_OPENSLIDE_CACHE_MB`` overrides it."""
+        Bounded and shared by the slides of a process, so memory grows neither with slide size nor with
+        the number of open slides; ``SGCL_OPENSLIDE_CACHE_MB`` overrides its size."""
         if not hasattr(self._openslide, "OpenSlideCache"):
             return
         try:
             mb = int(os.environ.get("SGCL_OPENSLIDE_CACHE_MB", CACHE_MB))
-            self._slide.set_cache(self._openslide.OpenSlideCache(mb << 20))
+            self._slide.set_cache(_process_cache(self._openslide, mb << 20))
         except (ValueError, self._openslide.OpenSlideError, AttributeError):
             pass  # OpenSlide < 4.0: keep its default cache
 
-    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int, background: Background = "white") -> np.ndarray:
         try:
             if _FAST_READ is not None and w > 0 and h > 0:
-                return self._read_fast(int(x0), int(y0), int(level), int(w), int(h))
+                return self._read_fast(int(x0), int(y0), int(level), int(w), int(h), background)
             img = self._slide.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
         except self._openslide.OpenSlideError as exc:
             raise SlideReadError(
                 f"{self.path}: cannot decode region x={x0} y={y0} level={level} size={w}x{h} ({exc})"
             ) from exc
-        return rgba_to_rgb(np.asarray(img))
+        return rgba_to_rgb(np.asarray(img), background)
 
-    def _read_fast(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    def _read_fast(self, x0: int, y0: int, level: int, w: int, h: int, background: Background) -> np.ndarray:
         """OpenSlide's C call into a numpy buffer, converted in one cv2 pass (≈12 % less CPU than
         the PIL route: no un-premultiply, no PIL image, one copy fewer). Same pixels."""
         buf = np.empty((h, w), np.uint32)
@@ -77,9 +89,12 @@ class OpenSlideReader(SlideReader):
         bgra = buf.view(np.uint8).reshape(h, w, 4)  # premultiplied ARGB in native (little-endian) order
         rgb = cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
         alpha = bgra[..., 3]
-        if cv2.minMaxLoc(alpha)[0] < 255:  # premultiplied: composite on white = colour + (255 - alpha)
-            rgb = cv2.add(rgb, cv2.cvtColor(255 - alpha, cv2.COLOR_GRAY2RGB))
-        return rgb
+        if cv2.minMaxLoc(alpha)[0] == 255:
+            return rgb
+        if background == "black":  # openslide-python's un-premultiply (c·255 // a), then PIL drops alpha
+            a = alpha.astype(np.uint16)[..., None]
+            return np.where(a > 0, rgb.astype(np.uint16) * 255 // np.maximum(a, 1), 0).astype(np.uint8)
+        return cv2.add(rgb, cv2.cvtColor(255 - alpha, cv2.COLOR_GRAY2RGB))  # on white: colour + (255 - alpha)
 
     def close(self) -> None:
         if getattr(self, "_slide", None) is not None:

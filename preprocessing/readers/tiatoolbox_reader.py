@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import SlideOpenError, SlideReader, SlideReadError, rgba_to_rgb
+from .base import Background, SlideOpenError, SlideReader, SlideReadError, rgba_to_rgb
 
 INSTALL_HINT = 'install the optional TIAToolbox reader with `pip install -e ".[tia]"` (see docs/install.md)'
 
@@ -41,13 +41,14 @@ class TiaToolboxReader(SlideReader):
         props["openslide.vendor"] = str(info.vendor or "tiatoolbox")
         self._props = props
 
-    def read_region(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+    def read_region(self, x0: int, y0: int, level: int, w: int, h: int, background: Background = "white") -> np.ndarray:
+        fill = 0 if background == "black" else 255
         try:
             arr = self._reader.read_rect((int(x0), int(y0)), (int(w), int(h)), resolution=int(level), units="level",
-                                         pad_mode="constant", pad_constant_values=255)  # outside = white
+                                         pad_mode="constant", pad_constant_values=fill)  # outside = background
         except Exception as exc:  # noqa: BLE001
             raise SlideReadError(f"{self.path}: cannot decode region x={x0} y={y0} level={level} ({exc})") from exc
-        return rgba_to_rgb(np.asarray(arr, dtype=np.uint8))
+        return rgba_to_rgb(np.asarray(arr, dtype=np.uint8), background)
 
     def close(self) -> None:
         self._reader = None

@@ -5,6 +5,9 @@ under one global index, with the views and metadata of the batch contract (``sgc
   or a list mixing these. Slide order is the sorted path order, so the index is reproducible.
 - Metadata (``slide_of``, ``grid_of``, spatial index) comes from the small ``coords``/``grid``
   datasets only; no image is read to build it.
+- Coordinates-only files (``sgcl tile --no-pixels``, no ``imgs``) are read from their slide with the
+  tiler's geometry (``evaluation.sources.open_source``); the slide is ``<slide_dir>/<slide_id>.<ext>``
+  for a folder of ``slide_dirs`` (``data.slide_dirs``), else the file's ``source_path`` attr.
 - File handles are opened lazily in the process that reads (each DataLoader worker) and kept in a
   bounded LRU cache (``cache_files``), so a cohort of 10,000 slides never holds 10,000 handles.
 - Views are a pure function of ``(seed, epoch, index)``: resumed runs and any worker count give the
@@ -73,8 +76,9 @@ def resolve_sources(sources: str | Path | Sequence[str | Path]) -> list[Path]:
     return sorted(seen.values(), key=lambda p: str(p))
 
 
-def _read_layout(path: Path) -> tuple[str, np.ndarray]:
-    """(slide_id, grid (n, 2) int64) of one file, checking the layout without reading images."""
+def _read_layout(path: Path) -> tuple[str, np.ndarray, dict | None]:
+    """(slide_id, grid (n, 2) int64, file attrs if the file is coordinates only, else None) of one file,
+    checking the layout without reading images."""
     try:
         with h5py.File(path, "r") as f:
             missing = [name for name in REQUIRED_DATASETS if name not in f]
@@ -84,15 +88,17 @@ def _read_layout(path: Path) -> tuple[str, np.ndarray]:
             if grid.ndim != 2 or grid.shape[1] != 2 or coords.ndim != 2 or coords.shape[1] != 2:
                 raise DatasetError(f"{path}: grid/coords must be (N, 2), got {grid.shape}/{coords.shape}; re-tile it with `sgcl tile`")
             n = coords.shape[0]
-            if grid.shape[0] != n or f["imgs"].shape[0] != n:
-                raise DatasetError(f"{path}: imgs/grid/coords row counts differ ({f['imgs'].shape[0]}/{grid.shape[0]}/{n}); the file is truncated, re-tile it")
-            codec = f["imgs"].attrs.get("codec", "raw")
-            codec = codec.decode() if isinstance(codec, bytes) else codec
-            if codec != "jpeg" and (f["imgs"].ndim != 4 or f["imgs"].shape[-1] != 3):
-                raise DatasetError(f"{path}: imgs must be (N, P, P, 3) uint8, got {f['imgs'].shape}")
-            slide_id = f.attrs.get("slide_id", path.stem)
-            slide_id = slide_id.decode() if isinstance(slide_id, bytes) else str(slide_id)
-            return slide_id, np.asarray(grid[:], dtype=np.int64)
+            n_imgs = f["imgs"].shape[0] if "imgs" in f else n
+            if grid.shape[0] != n or n_imgs != n:
+                raise DatasetError(f"{path}: imgs/grid/coords row counts differ ({n_imgs}/{grid.shape[0]}/{n}); the file is truncated, re-tile it")
+            if "imgs" in f:
+                codec = f["imgs"].attrs.get("codec", "raw")
+                codec = codec.decode() if isinstance(codec, bytes) else codec
+                if codec != "jpeg" and (f["imgs"].ndim != 4 or f["imgs"].shape[-1] != 3):
+                    raise DatasetError(f"{path}: imgs must be (N, P, P, 3) uint8, got {f['imgs'].shape}")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            slide_id = str(attrs.get("slide_id", path.stem))
+            return slide_id, np.asarray(grid[:], dtype=np.int64), None if "imgs" in f else attrs
     except OSError as exc:
         raise DatasetError(f"{path}: cannot open as HDF5 ({exc}); the file is corrupt or not HDF5, re-tile it") from None
 
@@ -102,11 +108,13 @@ class PatchDataset(Dataset):
 
     ``skip_bad=True`` drops invalid files (listed in ``bad_files``) and replaces an unreadable patch
     by a neighbouring one of its slide with a warning, instead of stopping; slides without patches
-    are always dropped.
+    are always dropped. ``slide_dirs``: folders holding the slides of coordinates-only files.
     """
 
-    def __init__(self, sources, transform=None, cache_files: int = 64, seed: int = 0, skip_bad: bool = False):
+    def __init__(self, sources, transform=None, cache_files: int = 64, seed: int = 0, skip_bad: bool = False,
+                 slide_dirs: Sequence[str] = ()):
         self.files = resolve_sources(sources)
+        self.slide_dirs = [str(d) for d in slide_dirs]
         self.transform = transform
         self.cache_files = max(1, int(cache_files))
         self.seed = int(seed)
@@ -116,7 +124,9 @@ class PatchDataset(Dataset):
         slide_ids, grids, kept = [], [], []
         for path in self.files:
             try:
-                sid, grid = _read_layout(path)
+                sid, grid, coords_only = _read_layout(path)
+                if coords_only is not None and len(grid):
+                    self._check_slide(path, sid, coords_only)
             except DatasetError as exc:
                 if not skip_bad:
                     raise
@@ -172,7 +182,19 @@ class PatchDataset(Dataset):
         self.epoch = int(epoch)
 
     # -- reading -------------------------------------------------------------------------------
-    def _file(self, slide: int) -> PatchFile:
+    def _check_slide(self, path: Path, slide_id: str, attrs: dict) -> None:
+        """A coordinates-only file must find its slide now, not in a loader worker mid-epoch."""
+        from evaluation.sources import SourceError, find_slide
+
+        try:
+            find_slide(slide_id, attrs, self.slide_dirs)
+        except SourceError as exc:
+            raise DatasetError(f"{path}: coordinates only (tiled with --no-pixels), so its patches are read from the "
+                               f"slide, but {exc}. Set data.slide_dirs=[<folder with the slides>]") from None
+
+    def _file(self, slide: int):
+        """The open reader of a slide's patches: its ``PatchFile``, or for a coordinates-only file the
+        ``SlidePatches`` that reads them from the slide."""
         if self._pid != os.getpid():  # forked worker: never reuse the parent's handles
             self._cache = OrderedDict()
             self._pid = os.getpid()
@@ -181,6 +203,11 @@ class PatchDataset(Dataset):
             self._cache.move_to_end(slide)
             return pf
         pf = PatchFile(self.files[slide], validate=False)
+        if not pf.has_pixels:
+            from evaluation.sources import open_source
+
+            pf.close()
+            pf = open_source(self.files[slide], self.slide_dirs)
         self._cache[slide] = pf
         while len(self._cache) > self.cache_files:
             _, old = self._cache.popitem(last=False)
@@ -189,15 +216,23 @@ class PatchDataset(Dataset):
 
     @property
     def open_files(self) -> int:
-        return sum(1 for pf in self._cache.values() if pf._file is not None)
+        return sum(1 for pf in self._cache.values() if getattr(pf, "_file", None) is not None
+                   or getattr(pf, "_reader", None) is not None)
 
     def read_patch(self, index: int, where: tuple[int, int] | None = None) -> np.ndarray:
         """Patch ``index`` as (P, P, 3) uint8 RGB (``where`` = its ``locate`` result, if known)."""
+        from evaluation.sources import SourceError
+        from preprocessing.readers import SlideOpenError, SlideReadError
+
         slide, row = where or self.locate(index)
         try:
-            return self._file(slide).read(row)
+            src = self._file(slide)
+            return src.read(row) if isinstance(src, PatchFile) else src[row]
         except (PatchFileError, OSError, KeyError) as exc:
             raise DatasetError(f"{self.files[slide]}: cannot read patch {row} ({exc}); re-tile this slide") from None
+        except (SlideOpenError, SlideReadError, SourceError) as exc:
+            raise DatasetError(f"{self.files[slide]}: cannot read patch {row} from its slide ({exc}); check the slide "
+                               "file (data.slide_dirs) or re-tile with stored pixels") from None
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)

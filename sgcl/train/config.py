@@ -18,9 +18,10 @@ from sgcl.transforms.scale_aware import SmallWindowConfig
 class DataConfig:
     h5_dir: Optional[str] = None        # folder of per-slide .h5 patch files (`sgcl tile` output, patches/)
     files: list[str] = field(default_factory=list)  # and/or files, globs, .txt lists of files
+    slide_dirs: list[str] = field(default_factory=list)  # folders with the slides of coords-only (--no-pixels) files; else source_path attr
     batch_size: int = 64                # per process
     workers: int = 8                    # DataLoader worker processes per process
-    cache_files: int = 64               # open HDF5 handles kept per worker (LRU)
+    cache_files: int = 64               # open HDF5 handles (or slides, for coords-only files) kept per worker (LRU)
     prefetch_factor: int = 2
     pin_memory: bool = True
     skip_bad_files: bool = False        # drop invalid files with a warning instead of stopping

@@ -160,7 +160,7 @@ class Trainer:
         method = self.method_builder(cfg, backbone)
         transform = build_sample_transform(cfg.aug, method.num_views, method.needs_local, cfg.method.dense)
         self.dataset = PatchDataset(sources, transform, cache_files=cfg.data.cache_files, seed=cfg.train.seed,
-                                    skip_bad=cfg.data.skip_bad_files)
+                                    skip_bad=cfg.data.skip_bad_files, slide_dirs=cfg.data.slide_dirs)
         for path, why in self.dataset.bad_files:
             self._log(f"skipped {path}: {why}")
         self.sampler = ResumableDistributedSampler(len(self.dataset), self.dist.world_size, self.dist.rank,

@@ -164,11 +164,12 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
     from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
     from evaluation.sources import h5_attrs, open_source, slide_id_of
     from preprocessing.layouts import FeatureLayout
+    from sgcl.models.encoders import trident_folder_name
 
     t0 = time.perf_counter()
     attrs, cattrs = h5_attrs(path)
     sid = slide_id_of(path, attrs)
-    layout = FeatureLayout(cfg.layout, out_dir, encoder.name)
+    layout = FeatureLayout(cfg.layout, out_dir, trident_folder_name(encoder.name))
     h5_path, pt_path = layout.h5(sid), layout.pt(sid)
     source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
     desc = source.describe()
@@ -252,6 +253,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     from evaluation.embedding import load_encoder, resolve_device
     from evaluation.sources import count_patches, discover_inputs
     from preprocessing.layouts import FeatureLayout, slide_id_from_file_name
+    from sgcl.models.encoders import trident_folder_name
 
     rank, world, local_rank = dist_env()
     out_dir = Path(cfg.out_dir)
@@ -268,7 +270,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         device = torch.device("cuda", local_rank)
     encoder = load_encoder(cfg.encoder, cfg.model_name, cfg.input_size, cfg.weights)
     encoder.model.to(device)
-    layout = FeatureLayout(cfg.layout, out_dir, encoder.name)
+    layout = FeatureLayout(cfg.layout, out_dir, trident_folder_name(encoder.name))
     for folder in layout.folders():
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)

@@ -264,6 +264,18 @@ def test_extract_list_prints_every_entry(capsys):
     for name, entry in ENCODERS.items():
         line = next(l for l in out.splitlines() if l.startswith(name + " "))
         assert entry.arch in line and str(entry.dim) in line and entry.pooling in line and entry.files[0] in line
+        assert f" {entry.trident_name} " in line
+
+
+def test_trident_and_clam_names_select_the_same_entries():
+    from sgcl.models.encoders import canonical_name, get_entry, trident_folder_name
+
+    for alias, name in {"uni_v1": "uni", "uni_v2": "uni2-h", "phikon_v2": "phikon-v2", "gigapath": "prov-gigapath",
+                        "hoptimus0": "h-optimus-0", "conch_v1": "conch_v1"}.items():
+        assert canonical_name(alias) == name and get_entry(alias) is ENCODERS[name]
+        assert trident_folder_name(name) == alias  # TRIDENT's features_<name>/ folder
+    assert canonical_name("resnet50") == "resnet50"  # timm's full ResNet-50, not TRIDENT's truncated one
+    assert trident_folder_name("resnet50_trunc") == "resnet50" and trident_folder_name("vit_small") == "vit_small"
 
 
 def test_extract_with_a_named_encoder_end_to_end(tmp_path, monkeypatch, capsys):
@@ -298,6 +310,12 @@ def test_extract_with_a_named_encoder_end_to_end(tmp_path, monkeypatch, capsys):
     assert "'done': 1" in capsys.readouterr().out
     with h5py.File(out / "h5_files" / "s1.h5", "r") as f:
         assert f.attrs["weights_sha256"] == file_sha256(other) and not np.allclose(f["features"][:], feats)
+    # TRIDENT's name and layout: features_phikon/ (TRIDENT's folder for its phikon), same features
+    tri_args = ["--inputs", str(inputs), "--out", str(tmp_path / "tri"), "--encoder", "phikon", "num_workers=0",
+                "progress=false", "--weights", str(weights), "--layout", "trident"]
+    assert main(tri_args) == 0
+    with h5py.File(tmp_path / "tri" / "features_phikon" / "s1.h5", "r") as f:
+        np.testing.assert_array_equal(f["features"][:], feats)
     # a missing file: exit 2 with the expected file name, not a download
     assert main([*args, "--weights", str(tmp_path / "in")]) == 2
     err = capsys.readouterr().err

@@ -137,3 +137,33 @@ def test_cli_dry_run_lists_overrides_and_bad_csv_exits_2(slides, tmp_path, capsy
     assert main([str(csv), "--wsi-dir", str(slides), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{csv}, row 2, column `patch.target_mpp`" in err and "expected a number" in err
+
+
+def test_roi_pixels_and_edge_columns_per_slide(slides, tmp_path):
+    """The `roi`, `output.store_pixels` and `patch.edge` keys work as per-slide columns like any other."""
+    import json
+
+    roi = tmp_path / "left_half.geojson"
+    ring = [[0, 0], [512, 0], [512, 1152], [0, 1152], [0, 0]]
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}}]}))
+    csv = write_csv(tmp_path / "cohort.csv", {"path": [str(slides / f"s{i}.tiff") for i in range(3)],
+                                              "roi": [str(roi), None, None],
+                                              "output.store_pixels": [None, "false", None],
+                                              "patch.edge": [None, None, "pad_black"]})
+    out = tmp_path / "tiles"
+    cfg = TileConfig(inputs=[str(csv)], out_dir=str(out), workers=0)
+    cfg.patch.patch_size, cfg.output.qc = 96, False
+    assert run_cohort(cfg, progress=False, log=lambda s: None).count("done") == 3
+    files = {s: h5py.File(out / "patches" / f"{s}.h5", "r") for s in ("s0", "s1", "s2")}
+    try:
+        size0 = float(files["s0"].attrs["patch_size_level0"])
+        assert len(files["s0"]["coords"]) > 0 and (files["s0"]["coords"][:, 0] + size0 <= 512 + size0 / 2).all()
+        assert files["s0"].attrs["roi_path"] == str(roi.resolve()) and files["s1"].attrs["roi_path"] == ""
+        assert "imgs" not in files["s1"] and "imgs" in files["s0"] and "imgs" in files["s2"]
+        assert files["s2"].attrs["edge"] == "pad_black" and files["s0"].attrs["edge"] == "skip"
+        right = files["s2"]["coords"][:, 0].max() + size0
+        assert right > 1024  # 1024 is not a multiple of 96: padded cells cross the right edge
+    finally:
+        for f in files.values():
+            f.close()

@@ -39,11 +39,11 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     kwargs.setdefault("pretrained", False)
     if kwargs["pretrained"]:
         raise BackboneError("pretrained weights would be downloaded; pass a local checkpoint instead")
-    from sgcl.models.encoders import ENCODERS, build_model
+    from sgcl.models.encoders import build_model, get_entry, is_registered
 
-    if name in ENCODERS:
+    if is_registered(name):
         kwargs.pop("pretrained")
-        return build_model(ENCODERS[name], **kwargs)
+        return build_model(get_entry(name), **kwargs)
     try:
         return timm.create_model(name, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError('Unknown model ...')
@@ -113,9 +113,9 @@ def load_backbone(spec: str | Path, model_name: str | None = None, weights: str 
     encoder name (``uni``, ...; its published ``weights``: a file, a folder or a Hugging Face cache
     folder; default caches when None), or a timm model name (random init, or ``weights`` in timm keys).
     Returns ``(model, info)`` with ``info`` = model_name, num_features, sha256, pooling (+ registry fields)."""
-    from sgcl.models.encoders import ENCODERS, entry_info, load_named_encoder
+    from sgcl.models.encoders import entry_info, get_entry, is_registered, load_named_encoder
 
-    if str(spec) in ENCODERS:
+    if is_registered(str(spec)):
         return load_named_encoder(str(spec), weights)
     if weights is not None:
         if Path(spec).exists() or model_name:
@@ -142,8 +142,8 @@ def load_backbone(spec: str | Path, model_name: str | None = None, weights: str 
         info = {"model_name": name, "num_features": int(model.num_features), "weights": str(path),
                 "sha256": meta.get("sha256") or file_sha256(path), "unexpected_keys": list(unexpected),
                 "pooling": pooling_of(model)}
-        if name in ENCODERS:  # an export of a backbone built from a registry entry
-            info.update(entry_info(ENCODERS[name]))
+        if is_registered(name):  # an export of a backbone built from a registry entry
+            info.update(entry_info(get_entry(name)))
         return model, info
     model = create_backbone(str(spec))
     return model, {"model_name": str(spec), "num_features": int(model.num_features), "weights": None, "sha256": None,

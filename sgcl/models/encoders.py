@@ -62,6 +62,7 @@ class EncoderEntry:
     interpolation: str = "bicubic"              # resize mode of the preprocessing
     pool_kwargs: Mapping[str, Any] = field(default_factory=dict)  # attn_pool: {"dim", "heads"}
     truncate_after: str | None = None           # CNN: drop the stages after this one (timm feature_info module)
+    trident_name: str = ""                      # TRIDENT's name (``--patch_encoder``; its ``features_<name>/`` folder)
 
     def with_kwargs(self, dim: int | None = None, **kwargs: Any) -> "EncoderEntry":
         """The same entry with timm kwargs overridden (e.g. a tiny depth/width for tests); ``img_size``
@@ -130,7 +131,15 @@ _ENTRIES = (
                  ("resnet50-19c8e357.pth", "resnet50-0676ba61.pth", "model.safetensors", "pytorch_model.bin"),
                  "timm/resnet50.tv_in1k", interpolation="bilinear", truncate_after="layer3"),
 )
+_TRIDENT_NAMES = {"uni": "uni_v1", "uni2-h": "uni_v2", "conch_v1": "conch_v1", "virchow2": "virchow2",
+                  "phikon": "phikon", "phikon-v2": "phikon_v2", "prov-gigapath": "gigapath",
+                  "h-optimus-0": "hoptimus0", "resnet50_trunc": "resnet50"}
+_ENTRIES = tuple(dataclasses.replace(e, trident_name=_TRIDENT_NAMES[e.name]) for e in _ENTRIES)
 ENCODERS: dict[str, EncoderEntry] = {e.name: e for e in _ENTRIES}
+# TRIDENT's and CLAM's names (`--patch_encoder uni_v1`, `--model_name uni_v1`) select the same entries.
+# TRIDENT's `resnet50` is not an alias: here it stays timm's full ResNet-50 (use resnet50_trunc).
+ALIASES: dict[str, str] = {e.trident_name: e.name for e in _ENTRIES
+                           if e.trident_name not in ENCODERS and e.trident_name != "resnet50"}
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -403,7 +412,24 @@ def entry_info(entry: EncoderEntry) -> dict:
     return {"encoder": entry.name, "architecture": entry.arch, "pooling": entry.pooling}
 
 
+def canonical_name(name: str) -> str:
+    """A registry name for ``name`` (TRIDENT/CLAM aliases such as ``uni_v1`` resolved); other names unchanged."""
+    return ALIASES.get(str(name), str(name))
+
+
+def is_registered(name: str) -> bool:
+    return canonical_name(name) in ENCODERS
+
+
+def trident_folder_name(model_name: str) -> str:
+    """The ``<encoder>`` of TRIDENT's ``features_<encoder>/`` for an encoder: TRIDENT's own name for a
+    registry encoder (``uni`` -> ``uni_v1``), else the model name."""
+    entry = ENCODERS.get(canonical_name(model_name))
+    return entry.trident_name if entry is not None else str(model_name)
+
+
 def get_entry(name: str) -> EncoderEntry:
+    name = canonical_name(name)
     if name not in ENCODERS:
         raise BackboneError(f"unknown encoder {name!r}; registered: {', '.join(ENCODERS)} (`sgcl extract --encoder list`)")
     return ENCODERS[name]
@@ -411,9 +437,9 @@ def get_entry(name: str) -> EncoderEntry:
 
 def format_table() -> str:
     """The registry as a text table (``sgcl extract --encoder list``)."""
-    header = ("name", "architecture", "dim", "input", "pooling", "expected weights (Hugging Face repo: file)")
-    rows = [(e.name, e.arch, str(e.dim), str(e.input_size), e.pooling, f"{e.hf_repo}: {' | '.join(e.files)}")
-            for e in ENCODERS.values()]
+    header = ("name", "TRIDENT name", "architecture", "dim", "input", "pooling", "expected weights (Hugging Face repo: file)")
+    rows = [(e.name, e.trident_name, e.arch, str(e.dim), str(e.input_size), e.pooling,
+             f"{e.hf_repo}: {' | '.join(e.files)}") for e in ENCODERS.values()]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in (header, *rows)]
     return "\n".join(lines)

@@ -46,6 +46,13 @@ CLAM_PROCESS_LIST_COLUMNS = [
     "slide_id", "process", "status", "seg_level", "sthresh", "mthresh", "close", "use_otsu", "keep_ids",
     "exclude_ids", "a_t", "a_h", "max_n_holes", "vis_level", "line_thickness", "use_padding", "contour_fn",
 ]
+# CLAM's own defaults (create_patches_fp.py's seg/filter/vis/patch params), written into its columns:
+# empty cells are read back as float NaN, into which CLAM's initialize_df cannot write its booleans.
+CLAM_PROCESS_LIST_DEFAULTS = {
+    "seg_level": -1, "sthresh": 8, "mthresh": 7, "close": 4, "use_otsu": False, "keep_ids": "none",
+    "exclude_ids": "none", "a_t": 100, "a_h": 16, "max_n_holes": 8, "vis_level": -1, "line_thickness": 250,
+    "use_padding": True, "contour_fn": "four_pt",
+}
 
 
 class CohortError(ValueError):
@@ -272,15 +279,16 @@ def write_clam_process_list(path: Path, manifest: pd.DataFrame) -> None:
     ``slide_id`` is the slide's file name (``<id><ext>``, as CLAM writes it; ``.split(slide_ext)[0]``
     gives the id), ``process`` 0 for slides tiled or already done and 1 for failed (or busy) ones, so
     that feeding the list back to ``sgcl tile`` retries only those; ``status`` is CLAM's word
-    (``processed``, ``already_exist``, ``failed``, ``tbp``). CLAM's segmentation parameters are left
-    empty: our tiler does not use them, and CLAM fills empty cells with its defaults.
+    (``processed``, ``already_exist``, ``failed``, ``tbp``). CLAM's segmentation columns hold CLAM's
+    own defaults (our tiler does not use them; empty cells would break CLAM's ``initialize_df``).
     """
     rows = []
     for r in manifest.to_dict("records"):
         busy = str(r.get("warning") or "").startswith("busy:")
         status = "tbp" if busy else _CLAM_STATUS.get(str(r.get("status")), "tbp")
         rows.append({"slide_id": f"{r['slide_id']}{slide_extension(Path(str(r['path'])))}",
-                     "process": 0 if status in ("processed", "already_exist") else 1, "status": status})
+                     "process": 0 if status in ("processed", "already_exist") else 1, "status": status,
+                     **CLAM_PROCESS_LIST_DEFAULTS})
     table = pd.DataFrame(rows, columns=CLAM_PROCESS_LIST_COLUMNS)
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)

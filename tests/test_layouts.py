@@ -132,6 +132,8 @@ def test_cohort_writes_each_layout_and_resumes(slides, tmp_path, layout):
         assert stitch is not None and stitch.max() > 0 and (stitch == 0).all(axis=2).any()  # patches on black
         plist = pd.read_csv(out / "process_list_autogen.csv")
         assert list(plist.columns) == CLAM_PROCESS_LIST_COLUMNS
+        # CLAM's defaults, not empty cells (NaN columns break CLAM's initialize_df under pandas 3)
+        assert plist[["sthresh", "use_otsu", "contour_fn"]].values.tolist() == [[8, False, "four_pt"]] * 2
         assert plist[["slide_id", "process", "status"]].values.tolist() == [["s0.tiff", 0, "processed"],
                                                                              ["s1.tiff", 0, "processed"]]
         # fed back as a slide list, every slide is already processed: nothing left to tile

@@ -98,13 +98,18 @@ def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None, 
     roi_file = _roi_file(path, cfg, slide_id or path.stem)[0]
     reader = _open(path, cfg)
     try:
-        try:
-            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
-        except MppError as exc:
-            raise SlideError(str(exc)) from exc
+        mpp = _slide_mpp(path, reader, cfg, mpp_override)
         return params_hash(cfg, reader.name, mpp.value, file_sha256(roi_file) if roi_file else None)
     finally:
         reader.close()
+
+
+def _slide_mpp(path: Path, reader: SlideReader, cfg: TileConfig, mpp_override: float | None):
+    """The slide's µm/px (CSV override, header, ``assume_mpp``); :class:`SlideError` naming the fixes when none."""
+    try:
+        return resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
+    except MppError as exc:
+        raise SlideError(str(exc)) from exc
 
 
 def _roi_file(path: Path, cfg: TileConfig, slide_id: str) -> tuple[Path | None, str | None]:
@@ -157,10 +162,7 @@ def write_slide_geojson(path, geojson_path: Path, cfg: TileConfig, slide_id: str
     roi = _load_roi(path, cfg, slide_id, [])
     reader = _open(path, cfg)
     try:
-        try:
-            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
-        except MppError as exc:
-            raise SlideError(str(exc)) from exc
+        mpp = _slide_mpp(path, reader, cfg, mpp_override)
         tissue = slide_tissue(reader, path, mpp.value, cfg, roi, [])
         return write_tissue_geojson(geojson_path, tissue.mask, tissue.scale, slide_id)
     finally:
@@ -211,10 +213,7 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
     roi = _load_roi(path, cfg, slide_id, warnings)
     reader = _open(path, cfg)
     try:
-        try:
-            mpp = resolve_mpp(path, reader.properties, mpp_override, cfg.assume_mpp)
-        except MppError as exc:
-            raise SlideError(str(exc)) from exc
+        mpp = _slide_mpp(path, reader, cfg, mpp_override)
         pc, tc = cfg.patch, cfg.tissue
         try:
             geom = plan_geometry(reader.level_downsamples, mpp.value, pc.target_mpp, pc.patch_size, pc.stride)

@@ -46,3 +46,10 @@ def write_synthetic_slide(path: Path, height: int, width: int, mpp: float | None
     image = synthetic_he(height, width, seed)
     min_level = 256 if pyramid else max(height, width) + 1
     return write_pyramidal_tiff(path, image, mpp, min_level_size=min_level, compression=compression, quality=95)
+
+
+def write_synthetic_slides(folder: Path, n: int, height: int, width: int, mpp: float = 0.5) -> Path:
+    """``folder/s0.tiff`` … ``s{n-1}.tiff``: ``n`` distinct synthetic slides (seeds 0…n-1); returns ``folder``."""
+    for i in range(n):
+        write_synthetic_slide(folder / f"s{i}.tiff", height, width, mpp=mpp, seed=i)
+    return folder

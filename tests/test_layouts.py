@@ -12,7 +12,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from _tile_fixtures import write_synthetic_slide
+from _tile_fixtures import write_synthetic_slides
 from evaluation.sources import SourceError, discover_inputs, slide_id_of
 from preprocessing.cohort import run_cohort
 from preprocessing.config import TileConfig
@@ -30,10 +30,7 @@ def make_cfg(inputs, out, layout: str) -> TileConfig:
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("slides")
-    for i in range(2):
-        write_synthetic_slide(folder / f"s{i}.tiff", 1024, 1280, mpp=0.5, seed=i)
-    return folder
+    return write_synthetic_slides(tmp_path_factory.mktemp("slides"), 2, 1024, 1280)
 
 
 def test_trident_job_name_is_exact():

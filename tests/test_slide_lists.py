@@ -9,7 +9,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from _tile_fixtures import write_synthetic_slide
+from _tile_fixtures import write_synthetic_slides
 from preprocessing.cohort import run_cohort
 from preprocessing.config import TileConfig
 from preprocessing.slide_lists import CohortError, SlideJob, discover, job_config, read_slide_list
@@ -18,10 +18,7 @@ from preprocessing.tile import main
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("wsis")
-    for i in range(3):
-        write_synthetic_slide(folder / f"s{i}.tiff", 1024, 1152, mpp=0.5, seed=i)
-    return folder
+    return write_synthetic_slides(tmp_path_factory.mktemp("wsis"), 3, 1024, 1152)
 
 
 def write_csv(path: Path, columns: dict) -> Path:

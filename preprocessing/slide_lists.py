@@ -46,6 +46,7 @@ CLAM_PROCESS_LIST_COLUMNS = [
     "slide_id", "process", "status", "seg_level", "sthresh", "mthresh", "close", "use_otsu", "keep_ids",
     "exclude_ids", "a_t", "a_h", "max_n_holes", "vis_level", "line_thickness", "use_padding", "contour_fn",
 ]
+PATH_KEYS = frozenset({"roi"})  # per-slide columns holding a path, resolved against the CSV's folder
 # CLAM's own defaults (create_patches_fp.py's seg/filter/vis/patch params), written into its columns:
 # empty cells are read back as float NaN, into which CLAM's initialize_df cannot write its booleans.
 CLAM_PROCESS_LIST_DEFAULTS = {
@@ -133,6 +134,8 @@ def _cell_overrides(csv: Path, row_no: int, row: pd.Series, keys: list[str]) -> 
                 with_overrides(TileConfig(), {key: value})
         except ConfigError as exc:
             raise CohortError(f"{csv}, row {row_no}, column `{key}`: {exc}") from None
+        if key in PATH_KEYS and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            value = str(csv.parent / Path(value))  # like `path`: relative to the CSV's folder
         out.append((key, value))
     return tuple(out)
 

@@ -140,12 +140,12 @@ def test_roi_pixels_and_edge_columns_per_slide(slides, tmp_path):
     """The `roi`, `output.store_pixels` and `patch.edge` keys work as per-slide columns like any other."""
     import json
 
-    roi = tmp_path / "left_half.geojson"
+    roi = tmp_path / "left_half.geojson"  # given relative to the CSV's folder, like `path`
     ring = [[0, 0], [512, 0], [512, 1152], [0, 1152], [0, 0]]
     roi.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}}]}))
     csv = write_csv(tmp_path / "cohort.csv", {"path": [str(slides / f"s{i}.tiff") for i in range(3)],
-                                              "roi": [str(roi), None, None],
+                                              "roi": [roi.name, None, None],
                                               "output.store_pixels": [None, "false", None],
                                               "patch.edge": [None, None, "pad_black"]})
     out = tmp_path / "tiles"

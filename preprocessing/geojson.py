@@ -129,18 +129,29 @@ def _closed(ring: np.ndarray, decimals: int) -> list[list[float]]:
     return pts + [pts[0]]
 
 
+def stable_id(*parts: object) -> str:
+    """A UUID derived from ``parts`` (the same on every run; QuPath reads a Feature's ``id`` as its object UUID)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "/".join(str(p) for p in parts)))
+
+
+def polygon_geometry(polygon: Polygon, decimals: int = 2) -> dict:
+    """A GeoJSON Polygon geometry of ``polygon`` (open rings in memory, closed in GeoJSON)."""
+    return {"type": "Polygon", "coordinates": [_closed(np.asarray(r, np.float64), decimals) for r in polygon]}
+
+
+def annotation(geometry: dict, feature_id: str, class_name: str, colour: tuple[int, int, int],
+               extra: dict | None = None) -> dict:
+    """A QuPath annotation Feature: ``geometry`` classified ``class_name`` (``colour`` RGB), plus ``extra``
+    properties (``name``, ``measurements`` — QuPath shows a ``{name: number}`` dict as measurements)."""
+    props = {"objectType": "annotation", "classification": {"name": class_name, "color": list(colour)}}
+    return {"type": "Feature", "id": feature_id, "geometry": geometry, "properties": {**props, **(extra or {})}}
+
+
 def tissue_feature_collection(polygons: list[Polygon], slide_id: str, decimals: int = 2) -> dict:
     """A GeoJSON FeatureCollection of one ``Tissue`` annotation (a Polygon) per tissue piece, with
     deterministic UUIDs (QuPath reads ``id`` as an object UUID)."""
-    features = []
-    for k, poly in enumerate(polygons):
-        features.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sgcl-tissue/{slide_id}/{k}")),
-            "geometry": {"type": "Polygon", "coordinates": [_closed(r, decimals) for r in poly]},
-            "properties": {"objectType": "annotation",
-                           "classification": {"name": TISSUE_CLASS, "color": list(TISSUE_COLOUR)}},
-        })
+    features = [annotation(polygon_geometry(poly, decimals), stable_id("sgcl-tissue", slide_id, k), TISSUE_CLASS,
+                           TISSUE_COLOUR) for k, poly in enumerate(polygons)]
     return {"type": "FeatureCollection", "features": features}
 
 

@@ -51,6 +51,8 @@ class HeatmapConfig:
     out_dir: str = "outputs/heatmaps"
     score: Optional[str] = None           # score drawn (default: attention when present, else the first)
     normalize: Literal["raw", "minmax", "percentile"] = "percentile"  # percentile = rank in [0, 1] (CLAM's default)
+    vmin: Optional[float] = None          # normalize=raw: the score at the colour bar's left end (default: the lowest)
+    vmax: Optional[float] = None          # normalize=raw: the score at its right end (default: the highest)
     cmap: str = "jet"                     # any matplotlib colour map (jet, coolwarm, viridis, ...)
     alpha: float = 0.5                    # opacity of the colours over the slide
     threshold: Optional[float] = None     # hide patches whose normalised score is below this
@@ -170,7 +172,8 @@ def heatmap_slide(slide_path: Path, slide_id: str, coords: np.ndarray, size0: fl
         raise HeatmapError(f"slide {slide_id}: score {name!r} has no finite value")
     norm = normalize_scores(raw, cfg.normalize)
     if cfg.normalize == "raw":
-        vmin, vmax = float(np.nanmin(norm)), float(np.nanmax(norm))
+        vmin = float(np.nanmin(norm)) if cfg.vmin is None else cfg.vmin
+        vmax = float(np.nanmax(norm)) if cfg.vmax is None else cfg.vmax
     else:
         vmin, vmax = 0.0, 1.0
     try:

@@ -27,6 +27,10 @@ def _config_class(path: Path):
         return ExtractConfig
     if name.startswith("seg"):
         return SegConfig
+    if name.startswith("heatmap"):
+        from evaluation.heatmap_cli import HeatmapConfig
+
+        return HeatmapConfig
     return EvalConfig
 
 

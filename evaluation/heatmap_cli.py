@@ -2,6 +2,8 @@
 
 Examples::
 
+    # after `sgcl demo --out demo_out`: redraw the demo's heatmap from its saved scores, refined, at level 0
+    sgcl heatmap --slides data/demo --features demo_out/features/sgcl --scores demo_out/heatmap --out heat --refine --level 0
     # attention of a MIL model (`sgcl eval mil`) on the slides of a feature folder
     sgcl heatmap --slides /data/slides --features outputs/features --model outputs/mil --out outputs/heatmaps
     # any per-patch score: an h5 with `scores` (or `scores/<name>`) or a CSV with x,y,score columns

@@ -8,7 +8,9 @@ The demo slide has no labels, and the demo invents none: it reports spatial retr
 patch, the fraction of its k nearest feature-space neighbours that are its spatial neighbours). When
 a labelled patch set is at hand (default: the CRC-VAL-HE-7K sample of ``../shared/data``; any
 ``<class>/*.jpg`` folder), the report adds a labelled check: cross-validated kNN and linear-probe
-balanced accuracy of every encoder (``evaluation.crossval``).
+balanced accuracy of every encoder (``evaluation.crossval``). The report ends with a heatmap of the
+slide (``evaluation.heatmap_cli.heatmap_slide``): with the labelled set, each patch's probability of tumour
+(TUM) under a linear probe fitted on the labelled set; without it, each patch's spatial-retrieval precision.
 """
 
 from __future__ import annotations
@@ -130,19 +132,26 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     # 4. evaluation -----------------------------------------------------------------------------------------
     t0 = _step("4/4 evaluation: spatial retrieval and the labelled check", log)
     results: dict = {"config": to_dict(cfg), "encoders": {}}
+    per_patch: dict[str, np.ndarray] = {}
     for name, f in feats.items():
         r = spatial_retrieval(torch.as_tensor(f["features"]), torch.as_tensor(f["slide"]), torch.as_tensor(f["grid"]),
                               k=cfg.knn_k, radius=cfg.radius)
         pp = r.pop("per_patch")
         valid = pp["valid"]
         prec = pp["hits"][valid] / r["k"]
+        per_patch[name] = np.where(np.asarray(valid), np.asarray(pp["hits"], np.float64) / r["k"], np.nan)
         lo, hi = bootstrap_ci(prec, seed=cfg.seed)
         results["encoders"][name] = {**r, "precision_ci95": [lo, hi], "encoder": encoders[name]}
         log(f"  {name:<12} spatial retrieval precision@{r['k']} = {r['precision']:.3f} "
             f"[{lo:.3f}, {hi:.3f}]  (chance {r['chance']:.3f})")
-    results["labelled"] = _labelled_check(cfg, encoders, log)
+    probe_name = next((m for m in cfg.methods if m in encoders), "random_init")
+    probe_data: dict = {}
+    results["labelled"] = _labelled_check(cfg, encoders, log, probe_name, probe_data)
     plots = _plots(out, curves, results, feats)
     timings["evaluation_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["heatmap"] = _heatmap(cfg, out, probe_name, probe_data, per_patch, h5_dir, log)
+    timings["heatmap_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
     results["timings"] = timings
     results["n_patches"] = int(len(next(iter(feats.values()))["features"]))
@@ -152,10 +161,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     return results
 
 
-def _labelled_check(cfg: DemoConfig, encoders: dict[str, str], log) -> dict:
+def _labelled_check(cfg: DemoConfig, encoders: dict[str, str], log, probe_name: str = "", probe_data: dict | None = None) -> dict:
     """Cross-validated kNN and linear-probe balanced accuracy of every encoder on a labelled patch set
     (split by tile: the sample's file names carry no patient id). Skipped, with the reason, when the
-    set is absent."""
+    set is absent. ``probe_data`` receives ``probe_name``'s labelled features, labels, classes and the
+    median L2 its cross-validation chose (for the heatmap's probe)."""
     import cv2
 
     from evaluation.crossval import crossval_scores
@@ -183,10 +193,60 @@ def _labelled_check(cfg: DemoConfig, encoders: dict[str, str], log) -> dict:
         feats = embed_dataset(enc, images, batch_size=32, num_workers=0, device=cfg.device, precision="fp32")
         r = crossval_scores(feats, labels, tiles, names, name=folder.name, seed=cfg.seed, n_boot=500)
         out[name] = {probe: r[probe]["balanced_accuracy"] for probe in ("knn", "linear")}
+        if name == probe_name and probe_data is not None:
+            probe_data.update(features=feats, labels=labels, classes=list(names),
+                              l2=float(np.median(r["linear"]["chosen"])))
         out["chance"] = r["chance"]
         log(f"  {name:<12} labelled check ({folder.name}): kNN balanced accuracy {out[name]['knn']['value']:.3f}, "
             f"linear {out[name]['linear']['value']:.3f} (chance {r['chance']:.3f})")
     return out
+
+
+def _heatmap(cfg: DemoConfig, out: Path, encoder: str, probe_data: dict, per_patch: dict, h5_dir: Path, log) -> dict:
+    """The slide's heatmap: P(tumour) of a linear probe fitted on the labelled set (all of it, at the L2 its
+    cross-validation chose) when that set has a TUM class, else each patch's spatial-retrieval precision."""
+    import h5py
+
+    from evaluation.heatmap_cli import HeatmapConfig, heatmap_slide
+
+    feat_file = next(iter(sorted((out / "features" / encoder / "h5_files").glob("*.h5"))))
+    with h5py.File(feat_file, "r") as f:
+        features, coords = f["features"][:].astype(np.float32), f["coords"][:]
+        sid = str(f.attrs.get("slide_id") or feat_file.stem)
+        size0 = float(f["coords"].attrs["patch_size_level0"])
+    if "TUM" in probe_data.get("classes", []):
+        from evaluation.linear import fit_logistic
+
+        classes = probe_data["classes"]
+        probe = fit_logistic(probe_data["features"], probe_data["labels"], len(classes), probe_data["l2"])
+        score = probe.predict_proba(features)[:, classes.index("TUM")].numpy()
+        name, vmin, vmax = "p_tumour", 0.0, 1.0
+        what = (f"the probability of tumour (TUM) that a linear probe on {encoder} features gives each patch; the "
+                f"probe is fitted on all {len(probe_data['labels'])} labelled tiles ({len(classes)} classes, L2 "
+                f"{probe_data['l2']:g} as chosen by the cross-validation above). The labelled tiles are colorectal "
+                "(CRC) tissue and this slide is not, so read it as what the probe sees, not a diagnosis")
+    else:
+        score = per_patch[encoder]
+        name, vmin, vmax = "spatial_retrieval", 0.0, 1.0
+        what = (f"each patch's spatial-retrieval precision under {encoder} features: the fraction of its "
+                f"{cfg.knn_k} nearest feature-space neighbours that are its spatial neighbours (no labelled set, "
+                "so no probe; white patches have too few spatial neighbours to score)")
+    hcfg = HeatmapConfig(normalize="raw", vmin=vmin, vmax=vmax, cmap="coolwarm", alpha=0.55, max_size=1024,
+                         topk=10, gallery=6, gallery_tile=96, progress=False)
+    row = heatmap_slide(Path(cfg.slide), sid, coords, size0, {name: score}, hcfg, out / "heatmap",
+                        h5_dir / f"{sid}.h5", {"encoder": encoder})
+    log(f"  heatmap of {name} ({encoder}) -> {out / 'heatmap' / row['heatmap']}")
+    return {"score": name, "encoder": encoder, "what": what,
+            **{k: f"heatmap/{row[k]}" for k in ("heatmap", "gallery", "topk_geojson", "scores_h5")}}
+
+
+def _heatmap_html(heat: dict) -> str:
+    return (f"<h2>Heatmap</h2><p>Colour: {html.escape(heat['what'])}. Drawn with <code>sgcl heatmap</code>'s "
+            f"renderer (coolwarm, 0 blue to 1 red). The 10 highest patches for QuPath: "
+            f"<a href='{heat['topk_geojson']}'>{html.escape(heat['topk_geojson'])}</a>; per-patch scores: "
+            f"<a href='{heat['scores_h5']}'>{html.escape(heat['scores_h5'])}</a>.</p>"
+            f"<img src='{heat['heatmap']}'><p>Highest (top row) and lowest (bottom row) patches:</p>"
+            f"<img src='{heat['gallery']}'>")
 
 
 def _load_features(folder: Path) -> dict:
@@ -351,7 +411,8 @@ slide: read it as a pipeline check and a direction, not a benchmark (docs/qualit
 comparison).</p>
 <table><tr><th>encoder</th><th>precision@k</th><th>95% CI</th><th>normalised</th><th>chance</th></tr>{rows}</table>
 <img src="{plots['spatial_retrieval']}"><img src="{plots['feature_maps']}">
-<h2>Timings (s)</h2><table>{timing_rows}</table></body></html>"""
+<h2>Timings (s)</h2><table>{timing_rows}</table>
+{_heatmap_html(results['heatmap'])}</body></html>"""
     dest = out / "report.html"
     atomic_write_text(dest, page)
     return dest

@@ -33,6 +33,15 @@ def test_demo_pipeline_on_shipped_slide(tmp_path, demo_slide):
     page = (out / "report.html").read_text()
     for link in ("tiles/index.html", "training_curves.png", "spatial_retrieval.png", "feature_maps.png"):
         assert link in page and (out / link).is_file()
+    # the report ends with a heatmap of the slide, its score named, its files linked
+    heat = saved["heatmap"]
+    assert heat["score"] == ("spatial_retrieval" if "skipped" in saved["labelled"] else "p_tumour")
+    for key in ("heatmap", "gallery", "topk_geojson", "scores_h5"):
+        assert heat[key] in page and (out / heat[key]).is_file()
+    assert page.rindex("<h2>") == page.index("<h2>Heatmap</h2>")
+    with h5py.File(out / heat["scores_h5"], "r") as f:
+        s = f[f"scores/{heat['score']}"][:]
+        assert len(s) == results["n_patches"] and 0 <= float(s[s == s].min()) <= float(s[s == s].max()) <= 1
     # the labelled check: every encoder scored on the shared labelled set (or a stated skip without it)
     lab = saved["labelled"]
     if "skipped" in lab:

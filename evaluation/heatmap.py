@@ -49,7 +49,7 @@ def normalize_scores(scores: np.ndarray, mode: Normalize = "percentile") -> np.n
             order = np.argsort(v, kind="stable")
             ranks = np.empty(v.size)
             ranks[order] = np.arange(v.size, dtype=np.float64)
-            uniq, inverse = np.unique(v, return_inverse=True)  # ties: mean rank
+            _, inverse = np.unique(v, return_inverse=True)  # ties: mean rank
             ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
             out[ok] = ranks / (v.size - 1)
     else:

@@ -52,7 +52,7 @@ def _hsv(img: np.ndarray) -> np.ndarray:
 
 
 def test_gradient_size_colourbar_roundtrip_topk_and_gallery(demo, tmp_path):
-    shapely = pytest.importorskip("shapely")
+    pytest.importorskip("shapely")
     from shapely.geometry import box, shape
 
     coords = demo["coords"]

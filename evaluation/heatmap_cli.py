@@ -215,8 +215,8 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
     """Every slide of ``cfg.features``: scores, heatmap, scores h5, top-k GeoJSON, gallery; ``manifest.csv``."""
     from tqdm import tqdm
 
-    from evaluation.heatmap_inputs import (feature_files, find_slide, model_scores, read_feature_slide, read_scores_file,
-                                           scores_file_for, slide_index)
+    from evaluation.heatmap_inputs import (feature_files, find_slide, mil_patch_scores, model_scores, read_feature_slide,
+                                           read_scores_file, scores_file_for, slide_index)
     from evaluation.reports import write_csv
 
     if (cfg.model is None) == (cfg.scores is None):
@@ -228,6 +228,8 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
     from evaluation.heatmap import colormap_lut
 
     colormap_lut(cfg.cmap)  # an unknown colour map fails before any work
+    if cfg.model is not None:
+        mil_patch_scores(Path(cfg.model))  # so does a missing model folder
     slides = slide_index(cfg.slides)
     files = feature_files(cfg.features)
 
@@ -245,15 +247,22 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
     out_dir = Path(cfg.out_dir)
     rows = []
     for fs, slide_path in tqdm(jobs, desc="heatmaps", unit="slide", disable=not cfg.progress):
-        if cfg.model is not None:
-            scores, source = model_scores(Path(cfg.model), fs, cfg.fold), f"model:{cfg.model}"
-        else:
-            sfile = scores_file_for(Path(cfg.scores), fs)
-            scores, source = read_scores_file(sfile, fs), f"scores:{sfile}"
-        meta = {"features_path": str(fs.path), "score_source": source, "fold": -1 if cfg.fold is None else cfg.fold,
-                "config": to_dict(cfg)}
-        rows.append({**heatmap_slide(slide_path, fs.slide_id, fs.coords, fs.size0, scores, cfg, out_dir,
-                                     fs.patch_file, meta), "features": str(fs.path), "source": source})
+        source = f"model:{cfg.model}" if cfg.model is not None else f"scores:{cfg.scores}"
+        try:  # one slide that fails (a decode error, bad scores) is recorded; the others are still drawn
+            if cfg.model is not None:
+                scores = model_scores(Path(cfg.model), fs, cfg.fold)
+            else:
+                sfile = scores_file_for(Path(cfg.scores), fs)
+                scores, source = read_scores_file(sfile, fs), f"scores:{sfile}"
+            meta = {"features_path": str(fs.path), "score_source": source,
+                    "fold": -1 if cfg.fold is None else cfg.fold, "config": to_dict(cfg)}
+            row = {"status": "done", **heatmap_slide(slide_path, fs.slide_id, fs.coords, fs.size0, scores, cfg,
+                                                     out_dir, fs.patch_file, meta), "error": ""}
+        except Exception as exc:  # noqa: BLE001 - reported per slide, in the manifest and on stderr
+            error = str(exc) if isinstance(exc, HeatmapError) else f"{type(exc).__name__}: {exc}"
+            print(f"sgcl heatmap: {fs.slide_id}: FAILED: {error}", file=sys.stderr)
+            row = {"status": "failed", "slide_id": fs.slide_id, "error": error}
+        rows.append({**row, "features": str(fs.path), "source": source})
     write_csv(out_dir / "manifest.csv", rows)
     return rows
 
@@ -299,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, HeatmapError) as exc:
         print(f"sgcl heatmap: error: {exc}", file=sys.stderr)
         return 2
-    print(f"sgcl heatmap: {len(rows)} slide(s) -> {cfg.out_dir}/manifest.csv")
-    return 0
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"sgcl heatmap: {len(rows) - failed} slide(s) drawn, {failed} failed -> {cfg.out_dir}/manifest.csv")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

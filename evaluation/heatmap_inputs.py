@@ -225,8 +225,8 @@ def scores_file_for(scores: Path, slide: FeatureSlide) -> Path:
                        f"{slide.slide_id}.csv for slide {slide.slide_id!r}")
 
 
-def model_scores(model_dir: Path, slide: FeatureSlide, fold: int | None = None) -> dict[str, np.ndarray]:
-    """Per-patch scores of a MIL model folder (``sgcl eval mil``): ``evaluation.mil.scores.patch_scores``."""
+def mil_patch_scores(model_dir: Path):
+    """``evaluation.mil.scores.patch_scores`` after checking ``model_dir`` (before any slide is drawn)."""
     try:
         from evaluation.mil.scores import patch_scores
     except ModuleNotFoundError as exc:
@@ -236,6 +236,12 @@ def model_scores(model_dir: Path, slide: FeatureSlide, fold: int | None = None) 
         raise
     if not Path(model_dir).is_dir():
         raise HeatmapError(f"--model {model_dir} is not a folder; pass the folder `sgcl eval mil` wrote")
+    return patch_scores
+
+
+def model_scores(model_dir: Path, slide: FeatureSlide, fold: int | None = None) -> dict[str, np.ndarray]:
+    """Per-patch scores of a MIL model folder (``sgcl eval mil``): ``evaluation.mil.scores.patch_scores``."""
+    patch_scores = mil_patch_scores(model_dir)
     out = patch_scores(model_dir, slide.features(), fold)
     if not isinstance(out, dict) or not out:
         raise HeatmapError(f"--model {model_dir}: patch_scores returned no scores")

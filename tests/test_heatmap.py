@@ -190,12 +190,15 @@ def test_bad_inputs_exit_2(demo, tmp_path, capsys, monkeypatch):
     short = tmp_path / "short.h5"
     with h5py.File(short, "w") as f:
         f["scores"] = np.zeros(len(coords) - 1, np.float32)
-    assert main(base + ["--slides", str(demo["slide"]), "--scores", str(short)]) == 2
+    # (a per-slide failure: recorded in the manifest, the other slides go on, exit 1)
+    assert main(base + ["--slides", str(demo["slide"]), "--scores", str(short)]) == 1
     err = capsys.readouterr().err
     assert f"has {len(coords)} patches" in err and "short.h5" in err
+    manifest = pd.read_csv(tmp_path / "o" / "manifest.csv")
+    assert manifest["status"].tolist() == ["failed"] and "short.h5" in manifest["error"][0]
     # a CSV missing some patches
     _csv(tmp_path / "part.csv", coords[1:], coords[1:, 0].astype(float))
-    assert main(base + ["--slides", str(demo["slide"]), "--scores", str(tmp_path / "part.csv")]) == 2
+    assert main(base + ["--slides", str(demo["slide"]), "--scores", str(tmp_path / "part.csv")]) == 1
     assert "1 of the" in capsys.readouterr().err
     # --model without the MIL module
     monkeypatch.setitem(sys.modules, "evaluation.mil.scores", None)

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _config_class(path: Path):
     from evaluation.cli import EvalConfig
     from evaluation.extract import ExtractConfig
+    from evaluation.mil.cli import MilConfig
     from evaluation.segmentation.config import SegConfig
     from preprocessing.config import TileConfig
     from sgcl.train.config import PretrainConfig
@@ -27,6 +28,8 @@ def _config_class(path: Path):
         return ExtractConfig
     if name.startswith("seg"):
         return SegConfig
+    if name.startswith("mil"):
+        return MilConfig
     return EvalConfig
 
 

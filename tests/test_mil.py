@@ -150,13 +150,21 @@ def test_clam_pt_files_and_trident_folders(tmp_path):
     feats, labels, _ = planted_cohort(tmp_path / "clam", n_bags=12, layout="pt_files")
     files = find_feature_files(feats)
     assert len(files) == 12 and all(p.suffix == ".pt" for p in files.values())
-    _run(tmp_path, feats, labels, "--model", "abmil", "cv.folds=2", "train.epochs=1", "report.plots=false", name="o1")
+    _run(tmp_path, feats, labels, "--model", "abmil", "cv.folds=2", "train.epochs=1", "report.plots=false",
+         "data.max_patches_per_bag=10", name="o1")
+    for path in (files["slide001"], feats / "pt_files" / "slide001.pt"):
+        assert read_bag(path).shape == (30, D)
+        a, b = (read_bag(path, 10, np.random.default_rng(s)) for s in (0, 0))
+        assert a.shape == (10, D) and torch.equal(a, b) and a.dtype == torch.float32
     job = tmp_path / "trident" / "20x_256px_0px_overlap"
     feats_t, labels_t, _ = planted_cohort(tmp_path / "trident", n_bags=12, layout="x")
     job.mkdir(parents=True)
     (feats_t / "x").rename(job / "features_uni_v1")
     assert len(find_feature_files(job)) == 12 and len(find_feature_files(job / "features_uni_v1")) == 12
-    _run(tmp_path, job, labels_t, "--model", "mean", "cv.folds=2", "train.epochs=1", "report.plots=false", name="o2")
+    _run(tmp_path, job, labels_t, "--model", "mean", "cv.folds=2", "train.epochs=1", "report.plots=false",
+         "data.max_patches_per_bag=10", name="o2")
+    x = read_bag(job / "features_uni_v1" / "slide001.h5", 10, np.random.default_rng(0))
+    assert x.shape == (10, D)
 
 
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys):

@@ -6,6 +6,7 @@ settings) and ``fold_<k>/model.pt`` (plain state_dicts, ``torch.load(weights_onl
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,7 +24,15 @@ def load_mil_config(model_dir: str | Path) -> dict:
 
 
 def load_mil_models(model_dir: str | Path, fold: int | None = None) -> tuple[dict, list[torch.nn.Module]]:
-    """(config, [model in eval mode on the CPU, one per fold or the given fold])."""
+    """(config, [model in eval mode on the CPU, one per fold or the given fold]); cached per run folder
+    and fold while its ``config.json`` is unchanged (heatmaps call :func:`patch_scores` once per slide)."""
+    path = Path(model_dir).resolve() / "config.json"
+    stamp = path.stat().st_mtime_ns if path.is_file() else None
+    return _load_models(str(path.parent), fold, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_models(model_dir: str, fold: int | None, stamp: int | None) -> tuple[dict, list[torch.nn.Module]]:
     from evaluation.mil.models import build_model
 
     cfg = load_mil_config(model_dir)

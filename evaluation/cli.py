@@ -1,9 +1,10 @@
-"""``sgcl eval knn|linear|fewshot|seg``: thin wrappers over the pure evaluation functions.
+"""``sgcl eval knn|linear|fewshot|seg|mil``: thin wrappers over the pure evaluation functions.
 
 Each protocol reads a labelled set (class folders, a CSV, HDF5 patches + labels CSV, or a features
 file computed earlier), embeds it with the encoder (cached), splits it group-aware when the data
 has no splits, runs the protocol and writes ``results.json``, CSV tables and PNG plots to
-``out_dir``. ``seg`` is dispatched to ``evaluation.segmentation.cli``.
+``out_dir``. ``seg`` is dispatched to ``evaluation.segmentation.cli``, ``mil`` (slide-level MIL on
+feature bags, docs/mil.md) to ``evaluation.mil.cli``.
 
 Examples::
 
@@ -29,7 +30,7 @@ import torch
 from sgcl import __version__
 from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
 
-PROTOCOLS = ("knn", "linear", "fewshot", "seg")
+PROTOCOLS = ("knn", "linear", "fewshot", "seg", "mil")
 
 
 @dataclass
@@ -235,11 +236,12 @@ def build_parser(protocol: str) -> argparse.ArgumentParser:
 
 
 def _usage() -> str:
-    return ("usage: sgcl eval {knn|linear|fewshot|seg} [--config FILE] [key=value ...]\n"
+    return ("usage: sgcl eval {knn|linear|fewshot|seg|mil} [--config FILE] [key=value ...]\n"
             "  knn      weighted kNN (faiss), k in {10,20,100,200}, T=0.07\n"
             "  linear   logistic-regression probe with an L2 sweep on the validation split\n"
             "  fewshot  k labelled items per class, several seeds, mean ± std\n"
-            "  seg      segmentation fine-tuning and sliding-window inference")
+            "  seg      segmentation fine-tuning and sliding-window inference\n"
+            "  mil      slide-level MIL (mean, ABMIL, CLAM-SB) on feature bags, folds by patient")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             raise
         return int(seg.main(rest) or 0)
+    if protocol == "mil":
+        from evaluation.mil.cli import main as mil_main
+
+        return int(mil_main(rest) or 0)
     if protocol not in PROTOCOLS:
         print(f"sgcl eval: unknown protocol {protocol!r}\n{_usage()}", file=sys.stderr)
         return 2

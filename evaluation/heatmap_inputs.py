@@ -227,13 +227,8 @@ def scores_file_for(scores: Path, slide: FeatureSlide) -> Path:
 
 def mil_patch_scores(model_dir: Path):
     """``evaluation.mil.scores.patch_scores`` after checking ``model_dir`` (before any slide is drawn)."""
-    try:
-        from evaluation.mil.scores import patch_scores
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == "evaluation.mil" or exc.name.startswith("evaluation.mil.")):
-            raise HeatmapError("--model needs the MIL module (evaluation/mil/scores.py, `sgcl eval mil`), which is "
-                               "not part of this installation; pass per-patch scores with --scores FILE instead") from None
-        raise
+    from evaluation.mil.scores import patch_scores
+
     if not Path(model_dir).is_dir():
         raise HeatmapError(f"--model {model_dir} is not a folder; pass the folder `sgcl eval mil` wrote")
     return patch_scores
@@ -245,4 +240,6 @@ def model_scores(model_dir: Path, slide: FeatureSlide, fold: int | None = None) 
     out = patch_scores(model_dir, slide.features(), fold)
     if not isinstance(out, dict) or not out:
         raise HeatmapError(f"--model {model_dir}: patch_scores returned no scores")
-    return _check_length({k: np.asarray(v) for k, v in out.items()}, slide, Path(model_dir))
+    # per-patch scores only: the slide-level `bag_proba_<class>` (one value) is MIL's, in its predictions.csv
+    per_patch = {k: np.asarray(v) for k, v in out.items() if not k.startswith("bag_")}
+    return _check_length(per_patch, slide, Path(model_dir))

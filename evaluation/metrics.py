@@ -112,8 +112,9 @@ def classification_metrics(y_true, y_pred, num_classes: int, proba=None) -> dict
 
 
 def bootstrap_ci(y_true, y_pred, num_classes: int, proba=None, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap confidence intervals of :func:`classification_metrics` (resampling test items).
+                 level: float = 0.95, groups=None) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap confidence intervals of :func:`classification_metrics` (resampling test items,
+    or with ``groups`` (N,) whole groups — e.g. patients — with all their items).
 
     Returns ``{metric: {"value", "low", "high"}}``; resamples where a metric is undefined are dropped.
     """
@@ -122,9 +123,16 @@ def bootstrap_ci(y_true, y_pred, num_classes: int, proba=None, n_boot: int = 100
     point = classification_metrics(t, p, num_classes, pr)
     rng = np.random.default_rng(seed)
     n = t.size
+    members = None
+    if groups is not None:
+        _, codes = np.unique(np.asarray([str(g) for g in _np(groups).tolist()]), return_inverse=True)
+        members = [np.flatnonzero(codes == g) for g in range(int(codes.max()) + 1 if n else 0)]
     samples: dict[str, list[float]] = {k: [] for k in point}
     for _ in range(int(n_boot)):
-        idx = rng.integers(0, n, n)
+        if members is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         vals = classification_metrics(t[idx], p[idx], num_classes, None if pr is None else pr[idx])
         for k, v in vals.items():
             if not np.isnan(v):

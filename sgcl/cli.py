@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("preprocessing.tile", "tile slides into per-slide HDF5 patch files + QC + manifest"),
     "pretrain": ("sgcl.pretrain", "self-supervised pretraining (SGCL, MoCo v2, SimCLR) on HDF5 patches"),
     "extract": ("evaluation.extract", "export per-slide features for MIL (CLAM/TRIDENT .h5 and .pt)"),
-    "eval": ("evaluation.cli", "evaluation protocols: knn | linear | fewshot | seg"),
+    "eval": ("evaluation.cli", "evaluation protocols: knn | linear | fewshot | seg | mil"),
     "heatmap": ("evaluation.heatmap_cli", "per-patch scores (MIL attention, any score) drawn on the slides"),
     "demo": ("sgcl.demo", "run the whole pipeline on the demo slide shipped in the repo"),
 }

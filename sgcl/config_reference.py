@@ -18,6 +18,7 @@ CONFIGS = [
     ("sgcl extract", "evaluation.extract:ExtractConfig"),
     ("sgcl eval knn|linear|fewshot", "evaluation.cli:EvalConfig"),
     ("sgcl eval seg", "evaluation.segmentation.config:SegConfig"),
+    ("sgcl eval mil", "evaluation.mil.cli:MilConfig"),
     ("sgcl heatmap", "evaluation.heatmap_cli:HeatmapConfig"),
     ("sgcl demo", "sgcl.demo:DemoConfig"),
 ]

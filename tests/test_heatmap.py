@@ -6,8 +6,6 @@ evaluation.mil.scores (a test double here); bad inputs are exit 2 with a message
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import cv2
@@ -120,31 +118,44 @@ def test_gradient_size_colourbar_roundtrip_topk_and_gallery(demo, tmp_path):
     assert manifest["slide_id"].tolist() == [SID] and manifest["n_patches"].tolist() == [len(coords)]
 
 
-def test_model_path_refine_threshold_and_default_size(demo, tmp_path, monkeypatch):
+def test_model_path_refine_threshold_and_default_size(demo, tmp_path):
+    """A real ABMIL model (``sgcl eval mil`` on bags with planted instances) drawn on the demo slide: its
+    attention must pick the patches of the slide that carry the planted feature, in the lower half."""
+    from evaluation.mil.cli import main as mil_main
+    from test_mil import D, FAST, planted_cohort
+
     coords = demo["coords"]
-    calls = {}
-
-    def patch_scores(model_dir, features, fold=None):
-        calls.update(model_dir=str(model_dir), n=len(features), fold=fold)
-        y = coords[:, 1].astype(np.float32)
-        return {"attention": y, "logits_TUM": -y}
-
-    fake = types.ModuleType("evaluation.mil.scores")
-    fake.patch_scores = patch_scores
-    fake.load_mil_config = lambda model_dir: {"classes": ["NORM", "TUM"]}
-    monkeypatch.setitem(sys.modules, "evaluation.mil.scores", fake)
+    feats_dir, labels, _ = planted_cohort(tmp_path / "cohort")
     model = tmp_path / "mil"
-    model.mkdir()
+    assert mil_main(["--features", str(feats_dir), "--labels", str(labels), "--out", str(model), *FAST,
+                     "--model", "abmil", "cv.folds=3"]) == 0
+    # the demo slide's features: background N(0, I) everywhere, the planted cluster on 3 patches low on the slide
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(len(coords), D)).astype(np.float32)
+    planted = np.argsort(coords[:, 1])[-3:]
+    centre = np.zeros(D, np.float32)
+    centre[:4] = 3.0
+    x[planted] = centre + 0.5 * rng.normal(size=(3, D))
+    with h5py.File(demo["features"] / "h5_files" / f"{SID}.h5", "r") as f:
+        cattrs, grid = dict(f["coords"].attrs), f["grid"][:]
+    fdir = tmp_path / "features" / "h5_files"
+    write_features_h5(fdir / f"{SID}.h5", x, coords, grid, cattrs, {"slide_id": SID})
     out = tmp_path / "out"
-    assert main(["--slides", str(demo["slide"].parent), "--features", str(demo["features"] / "h5_files" / f"{SID}.h5"),
-                 "--model", str(model), "--fold", "1", "--out", str(out), "--refine", "--threshold", "0.5",
+    assert main(["--slides", str(demo["slide"].parent), "--features", str(fdir), "--model", str(model),
+                 "--fold", "1", "--out", str(out), "--refine", "--threshold", "0.5", "--topk", "3",
                  "--gallery", "0", "progress=false"]) == 0
-    assert calls == {"model_dir": str(model), "n": len(coords), "fold": 1}
-    pic = cv2.imread(str(out / f"{SID}_heatmap.png"))[..., ::-1]
+    from evaluation.mil.scores import patch_scores
+
+    expected = patch_scores(model, x, fold=1)
     with h5py.File(out / f"{SID}_scores.h5", "r") as f:
-        assert sorted(f["scores"]) == ["attention", "logits_TUM"] and f.attrs["drawn_score"] == "attention"
+        assert "attention" in f["scores"] and "logits_tumour" in f["scores"] and f.attrs["drawn_score"] == "attention"
         assert f.attrs["refine"] and f.attrs["fold"] == 1
-    # attention = y, percentile, threshold 0.5: the top half of the tissue is bare, the bottom coloured
+        np.testing.assert_allclose(f["scores/attention"][:], expected["attention"], rtol=1e-5)
+    top = json.loads((out / f"{SID}_topk.geojson").read_text())["features"]
+    assert len(top) == 3 and int(top[0]["properties"]["measurements"]["patch_index"]) in set(planted.tolist())
+    # default picture size (longer side 2048) with the colour bar; threshold 0.5 on percentiles: about half
+    # the patches are coloured, the planted (top-attention) ones among them
+    pic = cv2.imread(str(out / f"{SID}_heatmap.png"))[..., ::-1]
     from preprocessing.readers import open_slide
 
     with open_slide(demo["slide"]) as r:
@@ -154,8 +165,10 @@ def test_model_path_refine_threshold_and_default_size(demo, tmp_path, monkeypatc
     h = thumb.shape[0]
     assert pic.shape == (h + COLORBAR_HEIGHT, thumb.shape[1], 3) and max(thumb.shape[:2]) == 2048
     changed = np.abs(pic[:h].astype(int) - thumb.astype(int)).sum(2) > 30
-    y_mid = int(np.median(coords[:, 1]) / ds)
-    assert changed[y_mid + 20:].mean() > 5 * changed[:y_mid - 20].mean()
+    half = int(demo["size0"] / ds / 2)
+    for i in planted:
+        cx, cy = (int(v / ds) + half for v in coords[i])
+        assert changed[cy - 3:cy + 4, cx - 3:cx + 4].mean() > 0.9
 
 
 def test_refine_interpolates_between_patches():
@@ -168,7 +181,7 @@ def test_refine_interpolates_between_patches():
     np.testing.assert_allclose(normalize_scores([3, 1, 2, 2], "percentile"), [1.0, 0.0, 0.5, 0.5])
 
 
-def test_bad_inputs_exit_2(demo, tmp_path, capsys, monkeypatch):
+def test_bad_inputs_exit_2(demo, tmp_path, capsys):
     coords = demo["coords"]
     good = _csv(tmp_path / "s.csv", coords, coords[:, 0].astype(float))
     base = ["--features", str(demo["features"]), "--out", str(tmp_path / "o"), "progress=false"]
@@ -200,10 +213,9 @@ def test_bad_inputs_exit_2(demo, tmp_path, capsys, monkeypatch):
     _csv(tmp_path / "part.csv", coords[1:], coords[1:, 0].astype(float))
     assert main(base + ["--slides", str(demo["slide"]), "--scores", str(tmp_path / "part.csv")]) == 1
     assert "1 of the" in capsys.readouterr().err
-    # --model without the MIL module
-    monkeypatch.setitem(sys.modules, "evaluation.mil.scores", None)
-    assert main(base + ["--slides", str(demo["slide"]), "--model", str(tmp_path)]) == 2
-    assert "evaluation/mil/scores.py" in capsys.readouterr().err
+    # --model that is not a folder
+    assert main(base + ["--slides", str(demo["slide"]), "--model", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
     # neither source; a bad colour map
     assert main(base + ["--slides", str(demo["slide"])]) == 2
     assert "exactly one score source" in capsys.readouterr().err

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _config_class(path: Path):
     from evaluation.cli import EvalConfig
     from evaluation.extract import ExtractConfig
+    from evaluation.mil.cli import MilConfig
     from evaluation.segmentation.config import SegConfig
     from preprocessing.config import TileConfig
     from sgcl.train.config import PretrainConfig
@@ -31,6 +32,8 @@ def _config_class(path: Path):
         from evaluation.heatmap_cli import HeatmapConfig
 
         return HeatmapConfig
+    if name.startswith("mil"):
+        return MilConfig
     return EvalConfig
 
 

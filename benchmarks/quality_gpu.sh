@@ -13,19 +13,7 @@ MODE=${1:-full}
 shift || true
 DEST=${OUT:-runs/quality_gpu}
 mkdir -p "$DEST"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then  # faiss-cpu (k-means of SGCL's inter term) is not in the GPU image
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
-python3 - <<'EOF'
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-for m in ("timm", "faiss", "h5py", "cv2", "skimage", "sklearn", "tifffile", "safetensors", "pandas", "matplotlib"):
-    mod = importlib.import_module(m)
-    print(m, getattr(mod, "__version__", "?"))
-EOF
-nproc
+source benchmarks/gpu_env.sh || exit 1  # wheels from .whl/, PYTHONPATH, versions (shared with gpu_check.sh)
 COMMON=(--tiles .qdata/tiles --seg-task .qdata/nuinsseg --shared .qdata/shared --device cuda --budget gpu)
 
 if [ "$MODE" = probe ]; then

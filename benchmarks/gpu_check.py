@@ -212,7 +212,7 @@ def step_extract(s: dict, work: Path) -> dict:
         torch.backends.cudnn.benchmark = True
     path = sorted((work / "patches").glob("*.h5"))[0]
     data = StoredPatches(path)
-    enc = load_encoder(s["backbone"])
+    enc = load_encoder(s["backbone"], input_size=s["size"])
     amp = torch.bfloat16 if s["precision"] == "bf16" else None
     tf = enc.transform()
     one = tf([data[i] for i in range(min(s["extract_batch"], len(data)))])

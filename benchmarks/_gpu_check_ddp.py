@@ -60,7 +60,8 @@ def main() -> int:
         method.to(memory_format=torch.channels_last)
     method.on_train_start(synthetic_meta(a.bank_rows))
     method.on_epoch_start(0)
-    model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[local] if cuda else None)
+    # the trainer's wrapping (sgcl/train/trainer.py): no buffer broadcast, the local device
+    model = torch.nn.parallel.DistributedDataParallel(method, broadcast_buffers=False, device_ids=[local] if cuda else None)
     opt = torch.optim.SGD([q for q in method.parameters() if q.requires_grad], lr=1e-3, momentum=0.9)
     amp = torch.bfloat16 if a.precision == "bf16" else None
     b = a.batch

@@ -20,7 +20,8 @@ recorded with status ok | failed | timeout | skipped, its wall time and the tail
 - extract:  patches/s of `sgcl extract`'s inference path (embed_dataset, bf16 on CUDA) vs forward only
 - knn:      faiss on the GPU if this faiss has GPU support, else "faiss-gpu not available" + faiss-cpu time
 
-``--fail STEP`` makes that step raise (tests: a failed step must not stop the others).
+``--fail STEP`` makes that step raise, ``--hang STEP`` makes it sleep past its timeout (tests: a failed or
+hung step must not stop the others).
 Target reported against: SGCL >= 1,500 img/s end to end on one H100/H200, GPU-bound.
 """
 
@@ -286,6 +287,8 @@ def child(name: str, ctx: Path) -> int:
     try:
         if name in s.get("fail", []):
             raise RuntimeError(f"injected failure (--fail {name})")
+        if name in s.get("hang", []):
+            time.sleep(3600)
         res = STEP_FUNCS[name](s, work)
         out.write_text(json.dumps({"result": res}, default=str))
         return 0
@@ -403,6 +406,8 @@ def main(argv=None) -> int:
     p.add_argument("--source", default=None, help="tiled patch file to derive the data from (default .qdata/gpucheck/demo.h5)")
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--fail", default="", help="comma-separated steps made to fail (tests)")
+    p.add_argument("--hang", default="", help="comma-separated steps made to hang (tests of the timeout)")
+    p.add_argument("--cap-s", type=float, default=None, help="every step's own timeout (default: per step, CAP_S)")
     p.add_argument("--budget-s", type=float, default=420.0, help="all steps together")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores; 1 with --quick)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -415,7 +420,7 @@ def main(argv=None) -> int:
     s = settings(a.device, a.quick)
     if a.workers:
         s["workers"] = a.workers
-    s["source"], s["fail"] = a.source, [f for f in a.fail.split(",") if f]
+    s["source"], s["fail"], s["hang"] = a.source, [f for f in a.fail.split(",") if f], [f for f in a.hang.split(",") if f]
     work = Path(a.work or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     ctx = work / "ctx.json"
@@ -430,7 +435,7 @@ def main(argv=None) -> int:
             rep["steps"][name] = {"status": "skipped", "error": "needs the data step, which did not succeed"}
         else:
             left = deadline - time.monotonic() - MIN_S * (len(steps) - i - 1)
-            cap = CAP_S[name] * (3 if a.quick else 1)  # a shared CPU: generous, still bounded
+            cap = a.cap_s or CAP_S[name] * (3 if a.quick else 1)  # --quick: a shared CPU; generous, still bounded
             timeout = min(cap, left)
             if timeout < 5:
                 rep["steps"][name] = {"status": "skipped", "error": "overall budget spent"}

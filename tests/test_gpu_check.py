@@ -33,7 +33,7 @@ def run_driver(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dic
     out = tmp / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, str(DRIVER), "--device", "cpu", "--quick", "--out", str(out), "--work", str(tmp / "work"),
-           "--source", str(source_file(tmp)), *extra]
+           "--source", str(source_file(tmp)), "--budget-s", "540", *extra]  # a loaded 2-core machine
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     files = list(out.glob("gpu_check_*_quick.json"))
     assert len(files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,3 +82,12 @@ def test_failed_step_is_recorded_and_the_others_run(tmp_path):
     assert steps["knn"]["status"] == "ok" and steps["knn"]["faiss_cpu_s"] > 0
     assert proc.returncode == 1
     assert "failed" in (tmp_path / "out" / f"gpu_check_{rep['date']}_quick.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_hung_step_times_out_and_is_recorded(tmp_path):
+    proc, rep = run_driver(tmp_path, "--steps", "data,loader", "--hang", "data", "--cap-s", "6")
+    data = rep["steps"]["data"]
+    assert data["status"] == "timeout" and data["timeout_s"] == 6 and data["wall_s"] < 30
+    assert rep["steps"]["loader"]["status"] == "skipped"
+    assert proc.returncode == 1

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/quality_bundle.sh gpucheck   # here: .qdata/gpucheck/demo.h5 (tiled demo slide) + .whl/ (faiss-cpu)
 #   bash benchmarks/gpu_check.sh [DRIVER ARGS]   # there, e.g. through the device tool:
-#       run(command="bash benchmarks/gpu_check.sh", carry=[".qdata/gpucheck", ".whl"], timeout_s=540)
+#       run(command="bash benchmarks/gpu_check.sh", carry=[".qdata/gpucheck", ".whl"], timeout_s=520)
 #
 # Environment: benchmarks/gpu_env.sh (shared with quality_gpu.sh). Then benchmarks/gpu_check.py --device cuda:
 # loader / model / end-to-end img/s (MoCo v2, SGCL), torchrun DDP, extraction, faiss kNN, each step with its

@@ -11,6 +11,8 @@ from typing import Literal
 
 from sgcl.methods.dense import DenseConfig
 
+INDEXED_MINING_POOL = 65536  # rows ranked per step with sgcl.candidates=indexed when sgcl.mining_pool is 0
+
 
 @dataclass
 class SGCLConfig:

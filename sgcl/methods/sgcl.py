@@ -42,14 +42,13 @@ from sgcl.memory.cluster_index import ClusterIndex
 from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
-from sgcl.methods.config import MethodConfig
+from sgcl.methods.config import INDEXED_MINING_POOL, MethodConfig
 from sgcl.mining import mine_negatives
 from sgcl.train.health import RecentRows
 
 log = logging.getLogger(__name__)
 
 QUADRANTS = ("tl", "tr", "bl", "br")
-INDEXED_MINING_POOL = 65536   # rows ranked per step by indexed candidates when sgcl.mining_pool is 0
 
 
 def union_sets(index: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ VARIANTS = {
     "moco_v2": ("moco_v2", {}),
     "simclr": ("simclr", {}),
     "sgcl": ("sgcl", {}),
+    "sgcl-indexed": ("sgcl", {"candidates": "indexed"}),
     "sgcl-no-self": ("sgcl", {"self_term": False}),
     "sgcl-no-intra": ("sgcl", {"intra_term": False}),
     "sgcl-no-inter": ("sgcl", {"inter_term": False}),

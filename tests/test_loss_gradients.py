@@ -81,6 +81,20 @@ def test_each_sgcl_term_alone_sends_gradient_into_the_backbone(term, bank):
     assert all(p.grad is None for p in (method.key_encoder.parameters() if method.key_encoder is not None else []))
 
 
+@pytest.mark.parametrize("term", list(SGCL_TERMS))
+def test_each_sgcl_term_alone_sends_gradient_into_the_backbone_with_indexed_candidates(term):
+    """The same with the bounded candidates of issue 12 (member lists + pooled mining)."""
+    method, slide_of, grid_of = start(only(term, candidates="indexed", candidate_pool=8, mining_pool=40))
+    twin_bank(method, len(slide_of))
+    method.on_epoch_start(0)
+    out = method(make_batch(torch.arange(0, 72, 5), slide_of, grid_of, 1, seed=9), 1, 7)
+    assert out["loss"].requires_grad and SGCL_TERMS[term] in out
+    if term == "inter_term":
+        assert float(out["pos_semantic"]) > 0
+    out["loss"].backward()
+    assert float(first_conv_grad(method)) > 0, f"{term} alone (indexed): no gradient reaches the backbone"
+
+
 @pytest.mark.parametrize("name", ["moco_v2", "simclr"])
 def test_baseline_losses_send_gradient_into_the_backbone(name):
     cfg = MethodConfig(name=name, proj_dim=16, proj_hidden_dim=32)
@@ -122,15 +136,17 @@ def _brute_force_lsp(q, pos_rows, neg_rows, T, const):
     return total / q.shape[0]
 
 
+@pytest.mark.parametrize("candidates", ["exact", "indexed"])
 @pytest.mark.parametrize("denominator", ["faithful", "clean"])
 @pytest.mark.parametrize("nei_k", [72, 10])
-def test_memory_lsp_equals_brute_force_over_the_whole_bank(nei_k, denominator):
+def test_memory_lsp_equals_brute_force_over_the_whole_bank(nei_k, denominator, candidates):
     """Intra + inter term (memory bank, hardest mining) against sets rebuilt by hand from the
     definitions of methods.md §1.5–1.7: spatial positives, one aux anchor, the top-``nei_k``
     candidates of anchor and aux agreeing in every k-means run, negatives = the ``nei_k``
-    nearest non-positives in backbone space."""
+    nearest non-positives in backbone space. ``indexed`` (pool covering every group): the
+    top-``nei_k`` *among the rows agreeing in every run* (no global kNN cut first)."""
     cfg = only("intra_term", inter_term=True, aux_num=1, nei_k=nei_k, mining="hardest", denominator=denominator,
-               radius=1.5, kmeans_runs=2)
+               radius=1.5, kmeans_runs=2, candidates=candidates, candidate_pool=72)
     cfg.T_spatial = 0.2
     method, slide_of, grid_of = start(cfg)
     n = len(slide_of)
@@ -152,8 +168,13 @@ def test_memory_lsp_equals_brute_force_over_the_whole_bank(nei_k, denominator):
         spatial = [j for j in range(n) if slide_of[j] == slide_of[i] and 0 < float(((grid_of[j] - grid_of[i]) ** 2).sum()) < 1.5**2]
         aux = max(spatial, key=lambda j: float(q[r] @ V[j]))
         same = lambda a, b: bool((C[:, a] == C[:, b]).all())  # noqa: E731
-        semantic = {j for j in topk_excluding(q[r], V, nei_k, {i}) if same(j, i)}
-        semantic |= {j for j in topk_excluding(V[aux], V, nei_k, {aux}) if same(j, aux)}
+        if candidates == "exact":
+            semantic = {j for j in topk_excluding(q[r], V, nei_k, {i}) if same(j, i)}
+            semantic |= {j for j in topk_excluding(V[aux], V, nei_k, {aux}) if same(j, aux)}
+        else:
+            group = lambda a: {j for j in range(n) if not same(j, a)}  # noqa: E731 - rows outside a's group
+            semantic = set(topk_excluding(q[r], V, nei_k, {i} | group(i)))
+            semantic |= set(topk_excluding(V[aux], V, nei_k, {aux, i} | group(aux)))
         positives = (set(spatial) | semantic) - {i}
         negatives = topk_excluding(hb[r], Vb, nei_k, positives | {i})
         pos_rows.append(V[sorted(positives)])

@@ -11,6 +11,8 @@ from typing import Literal
 
 from sgcl.methods.dense import DenseConfig
 
+INDEXED_MINING_POOL = 65536  # rows ranked per step with sgcl.candidates=indexed when sgcl.mining_pool is 0
+
 
 @dataclass
 class SGCLConfig:
@@ -31,6 +33,12 @@ class SGCLConfig:
     mining: Literal["semi_hard", "hardest", "uniform"] = "semi_hard"
     mining_frac: float = 0.2      # semi-hard: rank positions over the top ⌈frac·N⌉
     mining_pool: int = 0          # rank within this many random bank rows per step (0 = all N, as the reference)
+    # memory bank only: ``exact`` scans the whole bank every step for the semantic candidates (the
+    # reference, cost ∝ N); ``indexed`` takes them from per-cluster member lists rebuilt at each
+    # k-means refit (at most ``candidate_pool`` members per anchor, uniformly sampled) and mines
+    # within ``mining_pool`` rows (65,536 if 0): per-step cost bounded in N (docs/sgcl_method.md)
+    candidates: Literal["exact", "indexed"] = "exact"
+    candidate_pool: int = 1024    # indexed: members of the anchor's k-means group considered per anchor
     beta_a: float = 5.0
     beta_b: float = 15.0
     denominator: Literal["faithful", "clean"] = "faithful"  # C_i = N − |P_i| (reference) or 0

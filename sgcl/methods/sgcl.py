@@ -38,10 +38,11 @@ from sgcl.losses.multi_positive_nce import multi_positive_nce
 from sgcl.losses.npid import npid_loss
 from sgcl.losses.ramp import sigmoid_rampup
 from sgcl.memory.bank import MemoryBank, chunked_topk
+from sgcl.memory.cluster_index import ClusterIndex
 from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
-from sgcl.methods.config import MethodConfig
+from sgcl.methods.config import INDEXED_MINING_POOL, MethodConfig
 from sgcl.mining import mine_negatives
 from sgcl.train.health import RecentRows
 
@@ -72,6 +73,8 @@ class SGCL(PretrainMethod):
             raise ValueError("SGCL needs at least one of sgcl.self_term/intra_term/inter_term/inner_term")
         if s.aux_num < 0 or s.nei_k <= 0 or s.num_negatives <= 0:
             raise ValueError("sgcl.aux_num must be >= 0 and sgcl.nei_k, sgcl.num_negatives > 0")
+        if s.candidates not in ("exact", "indexed") or s.candidate_pool <= 0:
+            raise ValueError("sgcl.candidates must be 'exact' or 'indexed' and sgcl.candidate_pool > 0")
         self.feat_dim = num_features(backbone)
         self.head = make_head(cfg, self.feat_dim)
         self.queue_mode = s.bank == "queue"
@@ -82,6 +85,8 @@ class SGCL(PretrainMethod):
         self.num_patches = 0
         self._pending: list[dict[str, torch.Tensor]] = []
         self.recent = RecentRows()  # recent patch indices and backbone features (health diagnostics)
+        self._cluster_index: ClusterIndex | None = None   # indexed candidates: built from self.clusters
+        self._cluster_index_key: tuple | None = None
         self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
 
     # ------------------------------------------------------------------ setup
@@ -269,20 +274,23 @@ class SGCL(PretrainMethod):
         patch indices. Negatives never contain the anchor or any of its positives.
         """
         s, cfg = self.cfg.sgcl, self.cfg
-        pos_idx, pos_mask, diag = self._positives_memory(q, idx)
+        pos_idx, pos_mask, diag = self._positives_memory(q, idx, step)
         exclude = torch.cat([idx.unsqueeze(1), torch.where(pos_mask, pos_idx, torch.full_like(pos_idx, -1))], 1)
         if self.ranks_by_backbone:
             rank_q, rank_keys = hb, self.bank_b.weight
         else:
             rank_q, rank_keys = q, self.bank.weight
+        pool = s.mining_pool
+        if self.indexed and pool <= 0:
+            pool = INDEXED_MINING_POOL
         neg_idx, neg_mask = mine_negatives(
             rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk, pool=s.mining_pool,
+            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk, pool=pool,
         )
         return pos_idx, pos_mask, neg_idx, neg_mask, diag
 
     @torch.no_grad()
-    def _positives_memory(self, q: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _positives_memory(self, q: torch.Tensor, idx: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``P_i = P^sp_i ∪ P^se_i`` as a padded (B, K) index set + mask (memory mode)."""
         s = self.cfg.sgcl
         assert self.spatial is not None
@@ -313,14 +321,20 @@ class SGCL(PretrainMethod):
                 anchors.append(idx.repeat_interleave(a))
                 excl.append(torch.stack([aux, idx.repeat_interleave(a)], 1))
                 row_ok.append(torch.isfinite(top_v).reshape(-1))       # slots with a real neighbour
-            # one scan of the bank for the anchors and all their aux anchors
-            cand_v, cand = chunked_topk(torch.cat(queries), self.bank.weight, k, chunk=s.sim_chunk, exclude=torch.cat(excl))
             own = torch.cat(owners)
-            ok = (clusters[:, cand] == clusters[:, own].unsqueeze(2)).all(0)   # same cluster in every run
-            ok &= torch.isfinite(cand_v) & torch.cat(row_ok).unsqueeze(1)
+            if self.indexed:   # bounded: members of the owner's k-means group, top-k among them
+                cand, ok = self._indexed_candidates(torch.cat(queries), own, torch.cat(anchors), k, step)
+                kk = cand.shape[1]
+            else:              # one scan of the bank for the anchors and all their aux anchors
+                cand_v, cand = chunked_topk(torch.cat(queries), self.bank.weight, k, chunk=s.sim_chunk, exclude=torch.cat(excl))
+                ok = (clusters[:, cand] == clusters[:, own].unsqueeze(2)).all(0)   # same cluster in every run
+                ok &= torch.isfinite(cand_v)
+                kk = k
+            ok &= torch.cat(row_ok).unsqueeze(1)
             ok &= cand != torch.cat(anchors).unsqueeze(1)                      # the anchor never re-enters
-            se_i = [cand[:b], cand[b:].reshape(b, a * k)]
-            se_m = [ok[:b], ok[b:].reshape(b, a * k)]
+            ok &= cand != own.unsqueeze(1)                                     # nor the owner's own row
+            se_i = [cand[:b], cand[b:].reshape(b, a * kk)]
+            se_m = [ok[:b], ok[b:].reshape(b, a * kk)]
             se_idx, se_mask = union_sets(torch.cat(se_i, 1), torch.cat(se_m, 1))
             n_se = se_mask.sum(1).float()
             parts_i.append(se_idx)
@@ -333,6 +347,33 @@ class SGCL(PretrainMethod):
         diag["pos_semantic"] = n_se.mean()
         diag["pos_total"] = pos_mask.sum(1).float().mean()
         return pos_idx, pos_mask, diag
+
+    @property
+    def indexed(self) -> bool:
+        return not self.queue_mode and self.cfg.sgcl.candidates == "indexed"
+
+    def cluster_index(self) -> ClusterIndex:
+        """The member lists of the current k-means labels, rebuilt whenever the labels change
+        (refit, broadcast or ``load_state_dict`` all write ``clusters`` in place, bumping its version)."""
+        key = (self.clusters.data_ptr(), self.clusters._version)
+        if self._cluster_index is None or self._cluster_index_key != key:
+            self._cluster_index = ClusterIndex(self.clusters)
+            self._cluster_index_key = key
+        return self._cluster_index
+
+    @torch.no_grad()
+    def _indexed_candidates(self, queries: torch.Tensor, owners: torch.Tensor, anchors: torch.Tensor, k: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semantic candidates of each owner without a bank scan: at most ``candidate_pool`` members
+        of its k-means group (all of them if the group is smaller), the owner and the anchor excluded,
+        ranked by similarity to the owner's query, top ``k`` kept. Returns ``(index (Q, k'), mask (Q, k'))``."""
+        s = self.cfg.sgcl
+        cand, ok = self.cluster_index().sample(owners, s.candidate_pool, step_generator(self.cfg.seed, step, 5))
+        ok = ok & (cand != owners.unsqueeze(1)) & (cand != anchors.unsqueeze(1))
+        if cand.shape[1] > k:
+            sim = torch.einsum("qd,qkd->qk", queries.float(), self.bank.rows(cand)).masked_fill(~ok, float("-inf"))
+            top_v, top_p = sim.topk(k, dim=1)
+            cand, ok = cand.gather(1, top_p), torch.isfinite(top_v)
+        return cand, ok
 
     # ----------------------------------------------------------- queue mode
     def _forward_queue(self, batch: dict, epoch: float, step: int) -> dict[str, torch.Tensor]:

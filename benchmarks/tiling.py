@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if tia.get("status") == "ok" and tia["checksum"] != floor["checksum"]:
             tia["warning"] = "TIAToolbox's first patches differ from OpenSlide's: grids not aligned"
         results["tiatoolbox"] = tia
-        print(f"TIAToolbox PointsPatchExtractor: " + (f"{tia['patches_per_s']:.0f} patches/s"
+        print("TIAToolbox PointsPatchExtractor: " + (f"{tia['patches_per_s']:.0f} patches/s"
               if tia.get("status") == "ok" else f"{tia['status']}: {tia['reason']}"), flush=True)
         one = run_cohort_cli(Path(large["path"]), workdir, args.codec, 1, timeout)
         two = run_cohort_cli(Path(large["path"]), workdir, args.codec, 2, timeout)

@@ -29,6 +29,57 @@ def clustered(n: int, d: int, c: int, rng: np.random.Generator) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+PATCH_SETS = ("osteosarcoma-sample", "crc-val-he-7k-sample", "kather2016-sample")
+
+
+def load_real_images(shared: Path, downsample: int = 4) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The labelled images of ``shared/patches/<set>/<class>/*``, RGB, shrunk ``downsample`` times;
+    labels index the ``<set>/<class>`` names."""
+    import cv2
+
+    images, labels, names = [], [], []
+    for name in PATCH_SETS:
+        for cls in sorted(d for d in (shared / "patches" / name).iterdir() if d.is_dir()):
+            names.append(f"{name}/{cls.name}")
+            for f in sorted(cls.iterdir()):
+                img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+                if img is None:
+                    continue
+                h, w = img.shape[:2]
+                images.append(cv2.resize(img, (w // downsample, h // downsample), interpolation=cv2.INTER_AREA)[..., ::-1])
+                labels.append(len(names) - 1)
+    if not images:
+        raise FileNotFoundError(f"no labelled images under {shared / 'patches'}")
+    return images, np.asarray(labels), names
+
+
+def real_features(shared: Path, n: int, size: int = 16, seed: int = 0, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` features (512-d) of random ``size``-px views of the real labelled images (random image
+    weighted by area, random position, flip and 90-degree turn), by a seeded random-init timm
+    ResNet-18; with the image labels. Many views of few images: neighbours are near-duplicates
+    and same-texture crops, as in a bank of overlapping patches."""
+    import timm
+
+    images, labels, _ = load_real_images(shared)
+    area = np.array([im.shape[0] * im.shape[1] for im in images], np.float64)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(images), n, p=area / area.sum())
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    out = np.empty((n, net.num_features), np.float32)
+    for start in range(0, n, batch):
+        crops = []
+        for i in pick[start:start + batch]:
+            im = images[i]
+            y, x = rng.integers(0, im.shape[0] - size + 1), rng.integers(0, im.shape[1] - size + 1)
+            c = np.rot90(im[y:y + size, x:x + size], rng.integers(0, 4))
+            crops.append(c[:, ::-1] if rng.random() < 0.5 else c)
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float() / 255.0
+        with torch.no_grad():
+            out[start:start + len(crops)] = net((x - 0.5) / 0.25).numpy()
+    return out, labels[pick]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bank", type=int, default=200_000)

@@ -8,6 +8,13 @@ the largest summed weight. Two search backends give the same predictions:
   millions of vectors works in bounded extra memory;
 - ``torch``: chunked ``mm`` + ``topk`` (no dependency beyond torch; runs on a GPU tensor as is).
 
+Above a bank size (``exact_max``) the search can be approximate (``index="auto"`` chooses): a faiss
+``IndexIVFFlat`` (inverted lists, trained by k-means on a seeded sample) or ``IndexHNSWFlat`` (graph),
+both on inner product. :func:`plan_index` gives the index kind and its parameters from the bank size
+by documented rules (each overridable); the plan is a plain dict for results files. The vote is the
+same for every index; queries an approximate index returns fewer than ``k`` neighbours for are
+searched exactly.
+
 Both return the neighbour indices only; the vote is computed by one shared function from the
 neighbour indices (canonically ordered) and similarities recomputed the same way, so the two
 backends agree exactly whenever they find the same neighbour sets.
@@ -22,8 +29,11 @@ import torch
 import torch.nn.functional as F
 
 Backend = Literal["faiss", "torch"]
+IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
+DEFAULT_EXACT_MAX = 200_000   # banks up to this size are searched exactly under index="auto"
+TRAIN_PER_LIST = 64           # IVF k-means sample: this many points per list (faiss needs >= 39)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,77 @@ def search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, batch_size: 
     return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
 
 
+def _pow2(x: float) -> int:
+    return 1 << max(0, int(round(np.log2(max(x, 1.0)))))
+
+
+def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAULT_EXACT_MAX,
+               nlist: int | None = None, nprobe: int | None = None, train_per_list: int = TRAIN_PER_LIST,
+               hnsw_m: int | None = None, ef_search: int | None = None, seed: int = 0) -> dict:
+    """The search index for a bank of ``n`` vectors and ``k`` neighbours, as a JSON-ready dict.
+
+    Rules (``None`` = the rule; any value overrides it):
+
+    - ``auto``: ``exact`` when ``n <= exact_max``, else ``ivf``;
+    - ``ivf``: ``nlist`` = the power of two nearest ``sqrt(n)`` (at most ``n // 39``, so k-means has
+      39 points per list); ``nprobe`` = ``max(16, nlist // 4)``; k-means on a seeded sample of
+      ``min(n, train_per_list * nlist)`` bank vectors;
+    - ``hnsw``: ``M`` = 32, ``efConstruction`` = 80, ``efSearch`` = ``max(256, 4 k)``.
+    """
+    if index not in ("auto", "exact", "ivf", "hnsw"):
+        raise ValueError(f"unknown kNN index {index!r}; choose auto, exact, ivf or hnsw")
+    kind = ("exact" if n <= exact_max else "ivf") if index == "auto" else index
+    plan: dict = {"index": kind, "requested": index, "n": int(n), "exact_max": int(exact_max)}
+    if kind == "ivf":
+        nl = int(nlist) if nlist else min(_pow2(np.sqrt(n)), max(1, n // 39))
+        plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 4)),
+                    train_size=int(min(n, train_per_list * nl)), seed=int(seed))
+    elif kind == "hnsw":
+        plan.update(M=int(hnsw_m or 32), ef_construction=80, ef_search=int(ef_search or max(256, 4 * k)))
+    return plan
+
+
+def _ann_index(xb: np.ndarray, plan: dict):
+    import faiss
+
+    d = xb.shape[1]
+    if plan["index"] == "ivf":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, plan["nlist"], faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = plan["seed"]
+        rng = np.random.default_rng(plan["seed"])
+        sample = np.sort(rng.choice(xb.shape[0], plan["train_size"], replace=False))
+        index.train(np.ascontiguousarray(xb[sample]))
+        index.nprobe = plan["nprobe"]
+    elif plan["index"] == "hnsw":
+        index = faiss.IndexHNSWFlat(d, plan["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = plan["ef_construction"]
+        index.hnsw.efSearch = plan["ef_search"]
+    else:
+        raise ValueError(f"not an approximate index: {plan['index']!r}")
+    index.add(xb)
+    return index
+
+
+def search_ann(bank: torch.Tensor, queries: torch.Tensor, k: int, plan: dict, batch_size: int = 4096) -> torch.Tensor:
+    """Top-``k`` inner-product neighbours from the approximate index of ``plan`` (:func:`plan_index`);
+    a query with fewer than ``k`` neighbours found (probed IVF lists too short) is searched exactly."""
+    _check(bank, queries)
+    k = min(k, bank.shape[0])
+    xb = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
+    index = _ann_index(xb, plan)
+    xq_all = queries.detach().cpu().numpy()
+    out = []
+    for start in range(0, xq_all.shape[0], batch_size):
+        _, idx = index.search(np.ascontiguousarray(xq_all[start:start + batch_size], dtype=np.float32), k)
+        out.append(torch.from_numpy(idx.astype(np.int64)))
+    nn = torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
+    short = (nn < 0).any(1).nonzero().flatten()
+    if len(short):
+        nn[short] = search_faiss(bank, queries[short], k, batch_size)
+    return nn
+
+
 def weighted_vote(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, neighbours: torch.Tensor,
                   k: int, num_classes: int, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
     """Class scores ``(Q, C)`` from the first ``k`` neighbours: sum of ``exp(sim/T)`` per class, normalised
@@ -96,10 +177,13 @@ def weighted_vote(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.
 
 def knn_classify(train_features, train_labels, test_features, num_classes: int | None = None,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = DEFAULT_TEMPERATURE,
-                 backend: Backend = "faiss", batch_size: int = 4096) -> dict[int, dict[str, torch.Tensor]]:
+                 backend: Backend = "faiss", batch_size: int = 4096,
+                 index: IndexKind | dict = "auto") -> dict[int, dict[str, torch.Tensor]]:
     """Weighted kNN for each ``k`` in ``ks``: ``{k: {"pred": (Q,), "proba": (Q, C)}}``.
 
     The neighbour search runs once for ``max(ks)``; smaller ``k`` use the leading neighbours.
+    ``index``: a kind (planned with :func:`plan_index`'s default rules) or a plan from it; an
+    ``exact`` plan uses ``backend``, an approximate one faiss.
     """
     bank = l2_normalize(train_features)
     queries = l2_normalize(test_features)
@@ -109,7 +193,10 @@ def knn_classify(train_features, train_labels, test_features, num_classes: int |
     _check(bank, queries)
     num_classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
     kmax = min(max(ks), bank.shape[0])
-    if backend == "faiss":
+    plan = index if isinstance(index, dict) else plan_index(bank.shape[0], kmax, index)
+    if plan["index"] != "exact":
+        neighbours = search_ann(bank, queries, kmax, plan, batch_size=batch_size)
+    elif backend == "faiss":
         neighbours = search_faiss(bank, queries, kmax, batch_size=batch_size)
     elif backend == "torch":
         neighbours = search_torch(bank, queries, kmax)

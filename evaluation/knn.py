@@ -9,7 +9,7 @@ the largest summed weight. Two search backends give the same predictions:
 - ``torch``: chunked ``mm`` + ``topk`` (no dependency beyond torch; runs on a GPU tensor as is).
 
 Above a bank size (``exact_max``) the search can be approximate (``index="auto"`` chooses): a faiss
-``IndexIVFFlat`` (inverted lists, trained by k-means on a seeded sample) or ``IndexHNSWFlat`` (graph),
+IVF (inverted lists from faiss k-means on a seeded sample, searched list by list with one matrix product per list) or ``IndexHNSWFlat`` (graph),
 both on inner product. :func:`plan_index` gives the index kind and its parameters from the bank size
 by documented rules (each overridable); the plan is a plain dict for results files. The vote is the
 same for every index; queries an approximate index returns fewer than ``k`` neighbours for are
@@ -97,8 +97,9 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
     Rules (``None`` = the rule; any value overrides it):
 
     - ``auto``: ``exact`` when ``n <= exact_max``, else ``ivf``;
-    - ``ivf``: ``nlist`` = the power of two nearest ``sqrt(n)`` (at most ``n // 39``, so k-means has
-      39 points per list); ``nprobe`` = ``max(16, nlist // 4)``; k-means on a seeded sample of
+    - ``ivf``: ``nlist`` = the power of two nearest ``sqrt(n) / 4`` (at most ``n // 39``, so k-means
+      has 39 points per list; 1M -> 256); ``nprobe`` = ``max(16, nlist // 16)`` (1M: 16 of 256 lists,
+      1/16 of the bank scanned); spherical k-means (20 iterations) on a seeded sample of
       ``min(n, train_per_list * nlist)`` bank vectors;
     - ``hnsw``: ``M`` = 32, ``efConstruction`` = 80, ``efSearch`` = ``max(256, 4 k)``.
     """
@@ -107,34 +108,64 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
     kind = ("exact" if n <= exact_max else "ivf") if index == "auto" else index
     plan: dict = {"index": kind, "requested": index, "n": int(n), "exact_max": int(exact_max)}
     if kind == "ivf":
-        nl = int(nlist) if nlist else min(_pow2(np.sqrt(n)), max(1, n // 39))
-        plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 4)),
+        nl = int(nlist) if nlist else min(_pow2(np.sqrt(n) / 4), max(1, n // 39))
+        plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 16)),
                     train_size=int(min(n, train_per_list * nl)), seed=int(seed))
     elif kind == "hnsw":
         plan.update(M=int(hnsw_m or 32), ef_construction=80, ef_search=int(ef_search or max(256, 4 * k)))
     return plan
 
 
-def _ann_index(xb: np.ndarray, plan: dict):
+def _hnsw_index(xb: np.ndarray, plan: dict):
     import faiss
 
-    d = xb.shape[1]
-    if plan["index"] == "ivf":
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, plan["nlist"], faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = plan["seed"]
-        rng = np.random.default_rng(plan["seed"])
-        sample = np.sort(rng.choice(xb.shape[0], plan["train_size"], replace=False))
-        index.train(np.ascontiguousarray(xb[sample]))
-        index.nprobe = plan["nprobe"]
-    elif plan["index"] == "hnsw":
-        index = faiss.IndexHNSWFlat(d, plan["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = plan["ef_construction"]
-        index.hnsw.efSearch = plan["ef_search"]
-    else:
-        raise ValueError(f"not an approximate index: {plan['index']!r}")
+    index = faiss.IndexHNSWFlat(xb.shape[1], plan["M"], faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = plan["ef_construction"]
+    index.hnsw.efSearch = plan["ef_search"]
     index.add(xb)
     return index
+
+
+def _search_ivf(xb: np.ndarray, xq: np.ndarray, k: int, plan: dict) -> torch.Tensor:
+    """IVF search batched by list: faiss spherical k-means on a seeded sample, bank assigned to its
+    nearest centroid, queries to their ``nprobe`` nearest; then, per list, ONE matrix product of the
+    list's bank vectors with every query probing it (BLAS speed, unlike a per-query list scan) and a
+    top-k; the per-list candidates are merged. Rows with fewer than ``k`` candidates hold -1."""
+    import faiss
+
+    n, d = xb.shape
+    nlist, nprobe = plan["nlist"], plan["nprobe"]
+    rng = np.random.default_rng(plan["seed"])
+    sample = np.sort(rng.choice(n, plan["train_size"], replace=False))
+    km = faiss.Kmeans(d, nlist, niter=20, spherical=True, seed=plan["seed"], max_points_per_centroid=1 << 30)
+    km.train(np.ascontiguousarray(xb[sample]))
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(km.centroids)
+    _, assign = quantizer.search(xb, 1)
+    order = np.argsort(assign[:, 0], kind="stable")
+    bounds = np.searchsorted(assign[order, 0], np.arange(nlist + 1))
+    lists = torch.from_numpy(xb[order])                      # bank sorted by list
+    _, probes = quantizer.search(xq, nprobe)
+    q = torch.from_numpy(xq)
+    nq = xq.shape[0]
+    cand_s = torch.full((nq, nprobe * k), -float("inf"))
+    cand_i = torch.full((nq, nprobe * k), -1, dtype=torch.int64)
+    flat = probes.ravel()
+    qidx, slot = np.repeat(np.arange(nq), nprobe), np.tile(np.arange(nprobe), nq)
+    by_list = np.argsort(flat, kind="stable")
+    qb = np.searchsorted(flat[by_list], np.arange(nlist + 1))
+    for lst in range(nlist):
+        sel, lo, hi = by_list[qb[lst]:qb[lst + 1]], int(bounds[lst]), int(bounds[lst + 1])
+        if len(sel) == 0 or hi == lo:
+            continue
+        qq, sl = torch.from_numpy(qidx[sel]), torch.from_numpy(slot[sel])
+        v, j = torch.topk(q[qq] @ lists[lo:hi].T, min(k, hi - lo), dim=1)
+        cols = sl[:, None] * k + torch.arange(v.shape[1])[None]
+        cand_s[qq[:, None], cols] = v
+        cand_i[qq[:, None], cols] = j + lo
+    v, j = torch.topk(cand_s, k, dim=1)
+    pos = cand_i.gather(1, j)
+    return torch.where(pos >= 0, torch.from_numpy(order)[pos.clamp(min=0)], torch.full_like(pos, -1))
 
 
 def search_ann(bank: torch.Tensor, queries: torch.Tensor, k: int, plan: dict, batch_size: int = 4096) -> torch.Tensor:
@@ -143,13 +174,18 @@ def search_ann(bank: torch.Tensor, queries: torch.Tensor, k: int, plan: dict, ba
     _check(bank, queries)
     k = min(k, bank.shape[0])
     xb = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
-    index = _ann_index(xb, plan)
-    xq_all = queries.detach().cpu().numpy()
-    out = []
-    for start in range(0, xq_all.shape[0], batch_size):
-        _, idx = index.search(np.ascontiguousarray(xq_all[start:start + batch_size], dtype=np.float32), k)
-        out.append(torch.from_numpy(idx.astype(np.int64)))
-    nn = torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
+    xq_all = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
+    if plan["index"] == "ivf":
+        nn = _search_ivf(xb, xq_all, k, plan)
+    elif plan["index"] == "hnsw":
+        index = _hnsw_index(xb, plan)
+        out = []
+        for start in range(0, xq_all.shape[0], batch_size):
+            _, idx = index.search(xq_all[start:start + batch_size], k)
+            out.append(torch.from_numpy(idx.astype(np.int64)))
+        nn = torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
+    else:
+        raise ValueError(f"not an approximate index: {plan['index']!r}")
     short = (nn < 0).any(1).nonzero().flatten()
     if len(short):
         nn[short] = search_faiss(bank, queries[short], k, batch_size)

@@ -34,9 +34,9 @@ def tie_aware_recall(bank, queries, ann, exact, k):
 def test_auto_flips_at_the_threshold_and_rules():
     assert plan_index(1000, 20, exact_max=1000)["index"] == "exact"
     p = plan_index(1001, 20, exact_max=1000)
-    assert p["index"] == "ivf" and p["requested"] == "auto" and p["nlist"] == 25 and p["nprobe"] == 16
+    assert p["index"] == "ivf" and p["requested"] == "auto" and p["nlist"] == 8 and p["nprobe"] == 8
     p = plan_index(1_000_000, 200)
-    assert (p["nlist"], p["nprobe"], p["train_size"]) == (1024, 256, 65_536)
+    assert (p["nlist"], p["nprobe"], p["train_size"]) == (256, 16, 16_384)
     assert plan_index(10, 20, "ivf", nlist=4, nprobe=2)["nprobe"] == 2
     assert plan_index(5000, 20, "hnsw")["ef_search"] == 256
     with pytest.raises(ValueError, match="unknown kNN index"):
@@ -48,7 +48,7 @@ def test_ivf_recall_and_predictions_match_exact(feats):
     b, q = l2_normalize(bank), l2_normalize(queries)
     k = 20
     plan = plan_index(len(bank), k, exact_max=10_000)
-    assert plan["index"] == "ivf" and plan["nlist"] == 128 and plan["train_size"] == 8192
+    assert plan["index"] == "ivf" and plan["nlist"] == 32 and plan["nprobe"] == 16 and plan["train_size"] == 2048
     ann, exact = search_ann(b, q, k, plan), search_faiss(b, q, k)
     assert tie_aware_recall(bank, queries, ann, exact, k) >= 0.99
     a = knn_classify(bank, labels, queries, ks=[10, 20], index=plan)

@@ -98,8 +98,8 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
 
     - ``auto``: ``exact`` when ``n <= exact_max``, else ``ivf``;
     - ``ivf``: ``nlist`` = the power of two nearest ``sqrt(n) / 4`` (at most ``n // 39``, so k-means
-      has 39 points per list; 1M -> 256); ``nprobe`` = ``max(16, nlist // 16)`` (1M: 16 of 256 lists,
-      1/16 of the bank scanned); spherical k-means (20 iterations) on a seeded sample of
+      has 39 points per list; 1M -> 256); ``nprobe`` = ``max(16, nlist // 8)`` (1M: 32 of 256 lists,
+      1/8 of the bank scanned); spherical k-means (20 iterations) on a seeded sample of
       ``min(n, train_per_list * nlist)`` bank vectors;
     - ``hnsw``: ``M`` = 32, ``efConstruction`` = 80, ``efSearch`` = ``max(256, 4 k)``.
     """
@@ -109,7 +109,7 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
     plan: dict = {"index": kind, "requested": index, "n": int(n), "exact_max": int(exact_max)}
     if kind == "ivf":
         nl = int(nlist) if nlist else min(_pow2(np.sqrt(n) / 4), max(1, n // 39))
-        plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 16)),
+        plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 8)),
                     train_size=int(min(n, train_per_list * nl)), seed=int(seed))
     elif kind == "hnsw":
         plan.update(M=int(hnsw_m or 32), ef_construction=80, ef_search=int(ef_search or max(256, 4 * k)))

@@ -36,7 +36,7 @@ def test_auto_flips_at_the_threshold_and_rules():
     p = plan_index(1001, 20, exact_max=1000)
     assert p["index"] == "ivf" and p["requested"] == "auto" and p["nlist"] == 8 and p["nprobe"] == 8
     p = plan_index(1_000_000, 200)
-    assert (p["nlist"], p["nprobe"], p["train_size"]) == (256, 16, 16_384)
+    assert (p["nlist"], p["nprobe"], p["train_size"]) == (256, 32, 16_384)
     assert plan_index(10, 20, "ivf", nlist=4, nprobe=2)["nprobe"] == 2
     assert plan_index(5000, 20, "hnsw")["ef_search"] == 256
     with pytest.raises(ValueError, match="unknown kNN index"):

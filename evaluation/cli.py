@@ -68,7 +68,7 @@ class KnnConfig:
     exact_max: int = 200_000
     nlist: Optional[int] = None            # ivf lists; None = power of two nearest sqrt(N)/4
     nprobe: Optional[int] = None           # ivf lists searched; None = max(16, nlist // 8)
-    hnsw_m: Optional[int] = None           # hnsw graph degree; None = 32
+    hnsw_m: Optional[int] = None           # hnsw graph degree; None = 48
     ef_search: Optional[int] = None        # hnsw search breadth; None = max(256, 4 k)
     seed: int = 0                          # ivf k-means training sample and init
 

@@ -101,7 +101,7 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
       has 39 points per list; 1M -> 256); ``nprobe`` = ``max(16, nlist // 8)`` (1M: 32 of 256 lists,
       1/8 of the bank scanned); spherical k-means (20 iterations) on a seeded sample of
       ``min(n, train_per_list * nlist)`` bank vectors;
-    - ``hnsw``: ``M`` = 32, ``efConstruction`` = 80, ``efSearch`` = ``max(256, 4 k)``.
+    - ``hnsw``: ``M`` = 48, ``efConstruction`` = 200, ``efSearch`` = ``max(256, 4 k)``.
     """
     if index not in ("auto", "exact", "ivf", "hnsw"):
         raise ValueError(f"unknown kNN index {index!r}; choose auto, exact, ivf or hnsw")
@@ -112,7 +112,7 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
         plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 8)),
                     train_size=int(min(n, train_per_list * nl)), seed=int(seed))
     elif kind == "hnsw":
-        plan.update(M=int(hnsw_m or 32), ef_construction=80, ef_search=int(ef_search or max(256, 4 * k)))
+        plan.update(M=int(hnsw_m or 48), ef_construction=200, ef_search=int(ef_search or max(256, 4 * k)))
     return plan
 
 

@@ -6,6 +6,11 @@ sklearn is timed on a subset of the queries and scaled linearly to the full quer
 output); faiss and the torch path run on all queries. Also checks that the three agree.
 
     python benchmarks/knn.py [--bank 200000] [--dim 512] [--queries 2000] [--sk-queries 200]
+
+``--ann``: approximate (IVF, the ``knn.index=auto`` rule) vs exact search on a bank built from real
+features, recall@k, kNN prediction agreement and the speed-up including index training:
+
+    python benchmarks/knn.py --ann --bank 1000000 --queries 10000 --json docs/benchmarks/knn_ann.json
 """
 
 from __future__ import annotations
@@ -29,6 +34,121 @@ def clustered(n: int, d: int, c: int, rng: np.random.Generator) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+PATCH_SETS = ("osteosarcoma-sample", "crc-val-he-7k-sample", "kather2016-sample")
+
+
+def load_real_images(shared: Path, downsample: int = 4) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The labelled images of ``shared/patches/<set>/<class>/*``, RGB, shrunk ``downsample`` times;
+    labels index the ``<set>/<class>`` names."""
+    import cv2
+
+    images, labels, names = [], [], []
+    for name in PATCH_SETS:
+        for cls in sorted(d for d in (shared / "patches" / name).iterdir() if d.is_dir()):
+            names.append(f"{name}/{cls.name}")
+            for f in sorted(cls.iterdir()):
+                img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+                if img is None:
+                    continue
+                h, w = img.shape[:2]
+                images.append(cv2.resize(img, (w // downsample, h // downsample), interpolation=cv2.INTER_AREA)[..., ::-1])
+                labels.append(len(names) - 1)
+    if not images:
+        raise FileNotFoundError(f"no labelled images under {shared / 'patches'}")
+    return images, np.asarray(labels), names
+
+
+def real_features(shared: Path, n: int, size: int = 16, seed: int = 0, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` features (512-d) of random ``size``-px views of the real labelled images (random image
+    weighted by area, random position, flip and 90-degree turn), by a seeded random-init timm
+    ResNet-18; with the image labels. Many views of few images: neighbours are near-duplicates
+    and same-texture crops, as in a bank of overlapping patches."""
+    import timm
+
+    images, labels, _ = load_real_images(shared)
+    area = np.array([im.shape[0] * im.shape[1] for im in images], np.float64)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(images), n, p=area / area.sum())
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    out = np.empty((n, net.num_features), np.float32)
+    for start in range(0, n, batch):
+        crops = []
+        for i in pick[start:start + batch]:
+            im = images[i]
+            y, x = rng.integers(0, im.shape[0] - size + 1), rng.integers(0, im.shape[1] - size + 1)
+            c = np.rot90(im[y:y + size, x:x + size], rng.integers(0, 4))
+            crops.append(c[:, ::-1] if rng.random() < 0.5 else c)
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float() / 255.0
+        with torch.no_grad():
+            out[start:start + len(crops)] = net((x - 0.5) / 0.25).numpy()
+    return out, labels[pick]
+
+
+def ann_main(a) -> int:
+    """IVF (``knn.index=auto`` rule) vs exact faiss search on a bank built from REAL features."""
+    import faiss
+
+    from evaluation.knn import plan_index, search_ann, search_faiss, weighted_vote
+
+    faiss.omp_set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    t = time.perf_counter()
+    x, y = real_features(Path(a.shared), a.sources + a.queries)
+    t_feat = time.perf_counter() - t
+    x = (x - x[:2048].mean(0)) / (x[:2048].std(0) + 1e-6)
+    rng = np.random.default_rng(0)
+    src_of = np.arange(a.bank) % a.sources
+    xb = np.empty((a.bank, x.shape[1]), np.float32)
+    for s in range(0, a.bank, 65536):
+        e = min(a.bank, s + 65536)
+        xb[s:e] = x[src_of[s:e]] + a.noise * rng.standard_normal((e - s, x.shape[1]), dtype=np.float32)
+    xq = (x[a.sources:] + a.noise * rng.standard_normal((a.queries, x.shape[1]), dtype=np.float32)).astype(np.float32)
+    bank, queries = torch.from_numpy(xb), torch.from_numpy(xq)
+    faiss.normalize_L2(xb)
+    faiss.normalize_L2(xq)
+    bank_y = torch.from_numpy(y[src_of])
+    kmax = max(a.ks)
+    plan = plan_index(a.bank, kmax, "auto", exact_max=0, nlist=a.nlist, nprobe=a.nprobe)
+    t = time.perf_counter()
+    ann = search_ann(bank, queries, kmax, plan)
+    t_ann = time.perf_counter() - t
+    g = min(a.exact_queries, a.queries)
+    t = time.perf_counter()
+    exact = search_faiss(bank, queries[:g], kmax)
+    t_exact_sub = time.perf_counter() - t
+    t_exact = t_exact_sub * a.queries / g
+    res = {"bank": a.bank, "dim": int(x.shape[1]), "real_sources": a.sources, "noise_sigma": a.noise,
+           "queries": a.queries, "threads": a.threads, "plan": plan, "features_s": round(t_feat, 1),
+           "ann_s_incl_training": round(t_ann, 2), "exact_s": round(t_exact, 2),
+           "exact_queries_timed": g, "exact_s_timed": round(t_exact_sub, 2),
+           "speedup_incl_training": round(t_exact / t_ann, 2)}
+    for k in a.ks:
+        kth = torch.einsum("qd,qd->q", queries[:g], bank[exact[:, k - 1]])
+        sims = torch.einsum("qd,qkd->qk", queries[:g], bank[ann[:g, :k]])
+        res[f"recall@{k}"] = round(float((sims >= kth[:, None] - 1e-6).float().mean()), 4)
+    # predictions: the shared vote on the ANN and on the exact neighbours of the timed queries
+    nc = int(bank_y.max()) + 1
+    for k in a.ks:
+        pa = weighted_vote(bank, bank_y, queries[:g], ann[:g], k, nc).argmax(1)
+        pe = weighted_vote(bank, bank_y, queries[:g], exact, k, nc).argmax(1)
+        res[f"prediction_agreement@{k}"] = round(float((pa == pe).float().mean()), 4)
+    print(f"kNN ANN vs exact, bank {a.bank} x {res['dim']}: {a.sources} real feature vectors (views of the shared "
+          f"labelled patches, random-init ResNet-18, standardised) each replicated with N(0, {a.noise}^2) noise, "
+          f"L2-normalised; {a.queries} queries = held-out real views + the same noise; {a.threads} threads")
+    print(f"  plan {plan}")
+    print(f"  IVF total (k-means + assign + search) {t_ann:8.2f} s")
+    print(f"  exact faiss IndexFlatIP              {t_exact:8.2f} s  (timed on {g} queries: {t_exact_sub:.2f} s, "
+          f"scaled x{a.queries / g:g})")
+    print(f"  speed-up incl. training              {res['speedup_incl_training']:.1f}x  (target >= 10x)")
+    for k in a.ks:
+        print(f"  recall@{k} {res[f'recall@{k}']:.4f}   kNN prediction agreement@{k} {res[f'prediction_agreement@{k}']:.4f}"
+              f"  (on the {g} exactly searched queries)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bank", type=int, default=200_000)
@@ -37,7 +157,18 @@ def main(argv=None) -> int:
     p.add_argument("--sk-queries", type=int, default=200)
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--ann", action="store_true", help="IVF vs exact on a bank built from real features (--bank, --queries)")
+    p.add_argument("--sources", type=int, default=16384, help="--ann: real feature vectors replicated to --bank")
+    p.add_argument("--noise", type=float, default=0.1, help="--ann: per-dimension noise sigma on standardised features")
+    p.add_argument("--exact-queries", type=int, default=1000, help="--ann: queries searched exactly (time scaled)")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--nlist", type=int, default=None, help="--ann: override the rule")
+    p.add_argument("--nprobe", type=int, default=None, help="--ann: override the rule")
+    p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     a = p.parse_args(argv)
+    if a.ann:
+        return ann_main(a)
     from sklearn.neighbors import NearestNeighbors
 
     from evaluation.knn import knn_classify, search_faiss, search_torch

@@ -62,8 +62,15 @@ class EncoderConfig:
 class KnnConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07
-    backend: Literal["faiss", "torch"] = "faiss"
+    backend: Literal["faiss", "torch"] = "faiss"   # exact search: faiss | torch (same predictions)
     batch_size: int = 4096
+    index: Literal["auto", "exact", "ivf", "hnsw"] = "auto"  # auto: exact up to exact_max bank items, else ivf
+    exact_max: int = 200_000
+    nlist: Optional[int] = None            # ivf lists; None = power of two nearest sqrt(N)/4
+    nprobe: Optional[int] = None           # ivf lists searched; None = max(16, nlist // 8)
+    hnsw_m: Optional[int] = None           # hnsw graph degree; None = 48
+    ef_search: Optional[int] = None        # hnsw search breadth; None = max(256, 4 k)
+    seed: int = 0                          # ivf k-means training sample and init
 
 
 @dataclass
@@ -174,12 +181,16 @@ def run_protocol(protocol: str, cfg: EvalConfig) -> dict:
     rows: list[dict] = []
     test_idx = fs.indices("test")
     if protocol == "knn":
-        from evaluation.knn import knn_classify
+        from evaluation.knn import knn_classify, plan_index
 
         _require(fs, ("train", "test"), "kNN")
         bank_x, bank_y = fs.split(("train", "val"))
         test_x, test_y = fs.split("test")
-        res = knn_classify(bank_x, bank_y, test_x, c, cfg.knn.ks, cfg.knn.temperature, cfg.knn.backend, cfg.knn.batch_size)
+        kc = cfg.knn
+        plan = plan_index(len(bank_x), min(max(kc.ks), len(bank_x)), kc.index, kc.exact_max, kc.nlist, kc.nprobe,
+                          hnsw_m=kc.hnsw_m, ef_search=kc.ef_search, seed=kc.seed)
+        results["knn_index"] = plan
+        res = knn_classify(bank_x, bank_y, test_x, c, kc.ks, kc.temperature, kc.backend, kc.batch_size, index=plan)
         results["knn"] = {}
         for k, r in res.items():
             m = _metrics_with_ci(cfg, test_y, r["pred"], r["proba"], c)

@@ -190,7 +190,7 @@ def test_nct_pipeline_extract_then_knn_and_linear(nct_h5, tmp_path):
     assert fs.slides == ["nct"] * 72 and fs.classes[0] == "ADI"
     res = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert res["n"]["test"] > 0 and res["classes"] == fs.classes and res["feature_dim"] == 96
-    assert set(res["knn"]) == {"10", "20"}
+    assert set(res["knn"]) == {"10", "20"} and res["knn_index"]["index"] == "exact"
     assert 0.0 <= res["knn"]["20"]["accuracy"]["low"] <= res["knn"]["20"]["accuracy"]["high"] <= 1.0
     for name in ("knn_k20_confusion.png", "knn_k20_per_class.png", "features_by_label.png", "features_by_slide.png",
                  "knn_metrics.csv", "knn_k20_confusion.csv"):

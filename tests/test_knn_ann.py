@@ -5,7 +5,6 @@ random position, flip and turn) through a seeded random-init ResNet-18, standard
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

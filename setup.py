@@ -40,7 +40,7 @@ setup(
         "psutil",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "shapely>=2.0"],  # shapely: tests/test_geojson.py only
+        "dev": ["pytest", "pytest-timeout", "shapely>=2.0"],  # shapely: tests only (GeoJSON and heatmap top-k geometry checks)
         # TIAToolbox pins an older torch: install it in its own environment (see docs/install.md).
         "tia": ["tiatoolbox"],
     },

@@ -48,9 +48,8 @@ class ClusterIndex:
         ar = torch.arange(p, device=owners.device).expand(owners.shape[0], p)
         draw = (torch.rand(owners.shape[0], p, generator=generator).to(owners.device) * cnt.unsqueeze(1)).long()
         whole = (cnt <= p).unsqueeze(1)
-        pos = torch.where(whole, ar, torch.minimum(draw, cnt.unsqueeze(1) - 1))
+        pos = torch.where(whole, ar, draw).clamp_max(cnt.unsqueeze(1) - 1)  # a whole group's padding slots repeat its last row
         mask = torch.where(whole, ar < cnt.unsqueeze(1), torch.ones_like(whole.expand_as(ar)))
-        pos = pos.clamp_max(cnt.unsqueeze(1) - 1)
         idx = self.order[st.unsqueeze(1) + pos]
         # drop repeated draws: sort each row and keep the first of equal indices
         idx, perm = idx.sort(dim=1, stable=True)  # a whole group's real member precedes its masked copies

@@ -332,7 +332,6 @@ class SGCL(PretrainMethod):
                 kk = k
             ok &= torch.cat(row_ok).unsqueeze(1)
             ok &= cand != torch.cat(anchors).unsqueeze(1)                      # the anchor never re-enters
-            ok &= cand != own.unsqueeze(1)                                     # nor the owner's own row
             se_i = [cand[:b], cand[b:].reshape(b, a * kk)]
             se_m = [ok[:b], ok[b:].reshape(b, a * kk)]
             se_idx, se_mask = union_sets(torch.cat(se_i, 1), torch.cat(se_m, 1))

@@ -14,6 +14,8 @@ import h5py
 import numpy as np
 
 from evaluation.heatmap import HeatmapError
+from evaluation.sources import decode_attr
+from preprocessing.layouts import h5_files_in
 
 
 @dataclass
@@ -40,18 +42,6 @@ class FeatureSlide:
         return Path(str(src)) if src and Path(str(src)).is_file() else None
 
 
-def _decode(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _h5_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.h5") if p.is_file() and not p.name.startswith("."))
-
-
 def feature_files(items: Sequence[str]) -> list[Path]:
     """Feature ``.h5`` files from files and folders: a folder's own ``*.h5``, else its ``h5_files/`` (ours,
     CLAM's) or its one ``features_<encoder>/`` (TRIDENT's; several are an error naming them)."""
@@ -64,7 +54,7 @@ def feature_files(items: Sequence[str]) -> list[Path]:
         if not p.is_dir():
             raise HeatmapError(f"features {p} does not exist; pass a feature .h5 file or a folder of them "
                                "(`sgcl extract --out` folder, its h5_files/, or TRIDENT's features_<encoder>/)")
-        own = _h5_in(p)
+        own = h5_files_in(p)
         if own:
             found += own
             continue
@@ -72,7 +62,7 @@ def feature_files(items: Sequence[str]) -> list[Path]:
             q for q in p.glob("features_*") if q.is_dir())
         if len(subs) > 1:
             raise HeatmapError(f"{p} holds several feature folders ({', '.join(str(s) for s in subs)}); pass the one to draw")
-        files = _h5_in(subs[0]) if subs else []
+        files = h5_files_in(subs[0]) if subs else []
         if not files:
             raise HeatmapError(f"no feature .h5 files in {p} (nor in its h5_files/ or features_<encoder>/); "
                                "run `sgcl extract` first")
@@ -115,8 +105,8 @@ def read_feature_slide(path: Path, downsamples_of: Callable[[str], Sequence[floa
                 raise HeatmapError(f"{path}: no `coords` dataset (found {sorted(f.keys())}); the heatmap needs each "
                                    "patch's level-0 position: export the features with `sgcl extract`, CLAM or TRIDENT")
             coords = f["coords"][:]
-            attrs = {k: _decode(v) for k, v in f.attrs.items()}
-            cattrs = {k: _decode(v) for k, v in f["coords"].attrs.items()}
+            attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
+            cattrs = {k: decode_attr(v) for k, v in f["coords"].attrs.items()}
             if "features" in f and f["features"].shape[0] != coords.shape[0]:
                 raise HeatmapError(f"{path}: {f['features'].shape[0]} feature rows but {coords.shape[0]} coords")
     except OSError as exc:

@@ -33,7 +33,8 @@ class SourceError(ValueError):
     """A feature-export input that cannot be read (the message names the file and the fix)."""
 
 
-def _decode(v: Any) -> Any:
+def decode_attr(v: Any) -> Any:
+    """An HDF5 attr as a plain Python value (bytes -> str, numpy scalar -> Python scalar)."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):
@@ -47,7 +48,7 @@ def h5_attrs(path: Path) -> tuple[dict, dict]:
         if "coords" not in f:
             raise SourceError(f"{path}: no `coords` dataset (found {sorted(f.keys())}); "
                               "pass an `sgcl tile` patch file or a CLAM/TRIDENT coords file")
-        return ({k: _decode(v) for k, v in f.attrs.items()}, {k: _decode(v) for k, v in f["coords"].attrs.items()})
+        return ({k: decode_attr(v) for k, v in f.attrs.items()}, {k: decode_attr(v) for k, v in f["coords"].attrs.items()})
 
 
 def slide_id_of(path: Path, attrs: dict) -> str:

@@ -114,7 +114,8 @@ def slide_id_from_file_name(path: Path) -> str:
     return stem[: -len(TRIDENT_SUFFIX)] if stem.endswith(TRIDENT_SUFFIX) and len(stem) > len(TRIDENT_SUFFIX) else stem
 
 
-def _h5_files(folder: Path) -> list[Path]:
+def h5_files_in(folder: Path) -> list[Path]:
+    """A folder's own ``*.h5`` files, sorted, hidden files left out."""
     return sorted(p for p in folder.glob("*.h5") if p.is_file() and not p.name.startswith("."))
 
 
@@ -123,7 +124,7 @@ def patch_files_in(folder: Path) -> list[Path]:
     those of its ``patches/`` (ours, CLAM's) or of its one ``<mag>x_<size>px_<overlap>px_overlap/patches/``
     (a TRIDENT job folder). Several patch folders are an error naming them."""
     folder = Path(folder)
-    own = _h5_files(folder)
+    own = h5_files_in(folder)
     if own:
         return own
     found = [folder / "patches"] if (folder / "patches").is_dir() else []
@@ -132,7 +133,7 @@ def patch_files_in(folder: Path) -> list[Path]:
     if len(found) > 1:
         raise LayoutError(f"{folder} holds several patch folders ({', '.join(str(p) for p in found)}); "
                           "pass the one to use")
-    return _h5_files(found[0]) if found else []
+    return h5_files_in(found[0]) if found else []
 
 
 def _safe_name(name: str) -> str:

@@ -9,9 +9,11 @@ feature bags, docs/mil.md) to ``evaluation.mil.cli``.
 Examples::
 
     sgcl eval knn --config configs/eval/knn.yaml data.root=/data/NCT-CRC-HE-100K encoder.spec=outputs/export
+    sgcl eval knn --config configs/eval/knn.yaml encoder.spec=uni encoder.weights=/models/UNI knn.temperature=0.1
     sgcl eval linear data.kind=csv data.csv=labels.csv encoder.spec=resnet50 out_dir=outputs/eval/linear
-    sgcl eval knn --config configs/eval/knn.yaml encoder.spec=uni encoder.weights=/models/UNI
+    sgcl eval linear --config configs/eval/linear.yaml --encoder runs/sgcl/export --data-root /data/nct-crc linear.max_iter=1000
     sgcl eval fewshot data.kind=features data.features=outputs/eval/features.pt fewshot.shots=[1,4,16]
+    sgcl eval fewshot --config configs/eval/fewshot.yaml --encoder resnet50 --data-root /data/nct-crc fewshot.l2=0.1
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import numpy as np
 import torch
 
 from sgcl import __version__
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.cli import examples_epilog
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config, to_dict
 
 PROTOCOLS = ("knn", "linear", "fewshot", "seg", "mil")
+OVERRIDE_EXAMPLES = {"knn": "knn.temperature=0.1", "linear": "linear.max_iter=1000", "fewshot": "fewshot.l2=0.1"}
 
 
 @dataclass
@@ -235,6 +239,7 @@ def run_protocol(protocol: str, cfg: EvalConfig) -> dict:
 
 def build_parser(protocol: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"sgcl eval {protocol}", description=__doc__.split("\n\n")[0],
+                                epilog=examples_epilog(__doc__, lambda line: line.startswith(f"sgcl eval {protocol} ")),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="output folder (out_dir=)")
     p.add_argument("--encoder", help="export folder, weights file, foundation encoder name (`sgcl extract --encoder "
@@ -242,7 +247,7 @@ def build_parser(protocol: str) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weights of a named foundation encoder: file, folder or HF cache folder (encoder.weights=)")
     p.add_argument("--data-root", dest="data_root", help="class-folder root (data.root=)")
     p.add_argument("--features", help="a features file to evaluate (data.features=; set data.kind=features)")
-    add_config_arguments(p)
+    add_config_arguments(p, example=OVERRIDE_EXAMPLES[protocol])
     return p
 
 
@@ -252,7 +257,9 @@ def _usage() -> str:
             "  linear   logistic-regression probe with an L2 sweep on the validation split\n"
             "  fewshot  k labelled items per class, several seeds, mean ± std\n"
             "  seg      segmentation fine-tuning and sliding-window inference\n"
-            "  mil      slide-level MIL (mean, ABMIL, CLAM-SB) on feature bags, folds by patient")
+            "  mil      slide-level MIL (mean, ABMIL, CLAM-SB) on feature bags, folds by patient\n\n"
+            "Run `sgcl eval <protocol> --help` for its options and examples, e.g.\n"
+            "  sgcl eval knn --config configs/eval/knn.yaml --encoder runs/sgcl/export --data-root /data/nct-crc")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(EvalConfig, args, FLAG_MAP)
         if args.features and cfg.data.kind != "features":
             cfg.data.kind = "features"
+        if args.print_config:
+            print_config(cfg)
+            return 0
         results = run_protocol(protocol, cfg)
     except (ConfigError, LabelsError, ValueError, FileNotFoundError) as exc:
         print(f"sgcl eval {protocol}: error: {exc}", file=sys.stderr)

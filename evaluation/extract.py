@@ -21,12 +21,13 @@ recorded and the others continue; the exit code is 1 if any failed. Under ``torc
 are dealt out to ranks by patch count (largest first, to the least-loaded rank); each rank writes
 its slides and rank 0 merges the per-rank manifests.
 
-Example::
+Examples::
 
     sgcl extract --inputs outputs/tiles/patches --encoder outputs/pretrain/export --out outputs/features
     sgcl extract --inputs clam/patches --slide-dir /data/slides --encoder resnet50 precision=bf16
     sgcl extract --inputs outputs/tiles/patches --encoder uni --weights /models/UNI --out outputs/features_uni
     sgcl extract --encoder list      # the named foundation encoders (docs/encoders.md)
+    sgcl extract --config configs/eval/extract.yaml --inputs tiles --out feats batch_size=256 --print-config
     sgcl extract --inputs job --layout trident --out job/20x_224px_0px_overlap --encoder resnet50
     torchrun --nproc-per-node 4 -m sgcl.cli extract --config configs/eval/extract.yaml
 """
@@ -51,7 +52,8 @@ import numpy as np
 import torch
 
 from sgcl import __version__
-from sgcl.config import ConfigError, add_config_arguments, config_from_args
+from sgcl.cli import examples_epilog
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config
 from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
@@ -314,7 +316,7 @@ def _barrier(device: torch.device) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl extract", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=examples_epilog(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", help="patch/coords .h5 files, folders of them, or a tiling output folder "
                                               "of any layout (ours, CLAM's, a TRIDENT job folder) (inputs=)")
     p.add_argument("--out", help="output folder (out_dir=)")
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=int)
     p.add_argument("--device")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    add_config_arguments(p)
+    add_config_arguments(p, example="batch_size=256")
     return p
 
 
@@ -351,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(ExtractConfig, args, FLAG_MAP)
+        if args.print_config:
+            print_config(cfg)
+            return 0
         if not cfg.inputs:
             raise ConfigError("no inputs: pass --inputs <patch .h5 files or folders> (or inputs=[...] in the config)")
         result = run_extract(cfg)

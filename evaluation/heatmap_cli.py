@@ -37,7 +37,7 @@ import numpy as np
 
 from evaluation.heatmap import HeatmapError
 from sgcl import __version__
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config, to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_text
 
 MAX_PICTURE_PIXELS = 1 << 28  # 268 M px (~800 MB RGB): a finer --mpp / --level is refused
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlapping-patch refinement: half-stride patches interpolated from their neighbours")
     p.add_argument("--topk", type=int, help="best patches written to <slide>_topk.geojson (default 10)")
     p.add_argument("--gallery", type=int, help="top and bottom patches in <slide>_gallery.png (default 8)")
-    add_config_arguments(p)
+    add_config_arguments(p, example="topk_geometry=both")
     return p
 
 
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         cfg = config_from_args(HeatmapConfig, args, FLAG_MAP)
+        if args.print_config:
+            print_config(cfg)
+            return 0
         rows = run_heatmap(cfg)
     except (ConfigError, HeatmapError) as exc:
         print(f"sgcl heatmap: error: {exc}", file=sys.stderr)

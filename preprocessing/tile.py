@@ -10,6 +10,7 @@ Examples::
     sgcl tile trident_list.csv --wsi-dir /data/wsis --out job --layout trident          # TRIDENT's CSV and job folder
     sgcl tile process_list_autogen.csv --slide-dir /data/slides --out clam --layout clam  # CLAM's list and save_dir
     sgcl tile /data/slides --out coords --no-pixels --edge pad_black   # coordinates only, padded edge cells
+    sgcl tile /data/slides --out tiles --config configs/tile/40x_224.yaml patch.stride=112 --print-config
 
 Inputs are slide files, folders (scanned by extension) and slide-list CSVs: ours (``path[,slide_id][,mpp]``),
 TRIDENT's (``wsi[,mpp]``, relative to --wsi-dir) or CLAM's (``slide_id`` [+ ``process``, ...], with
@@ -30,7 +31,7 @@ import re
 import sys
 from pathlib import Path
 
-from sgcl.config import ConfigError, config_from_args
+from sgcl.config import ConfigError, config_from_args, print_config
 
 from .config import TileConfig
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-geojson", dest="geojson", action="store_false", default=None,
                    help="skip the per-slide tissue outlines (geojson/<slide_id>.geojson; TRIDENT: contours_geojson/)")
     p.add_argument("--dry-run", action="store_true", help="list the slides of this shard and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit (nothing is read or written)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
 
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, args = parse_config(argv)
+        if args.print_config:
+            print_config(cfg)
+            return 0
         if not cfg.inputs:
             raise CohortError("no inputs: pass slide files, folders or a CSV (or set `inputs` in the config)")
         if args.dry_run:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Callable
 
 from sgcl import __version__
 
@@ -19,6 +20,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heatmap": ("evaluation.heatmap_cli", "per-patch scores (MIL attention, any score) drawn on the slides"),
     "demo": ("sgcl.demo", "run the whole pipeline on the demo slide shipped in the repo"),
 }
+
+
+def examples_epilog(doc: str, keep: Callable[[str], bool] | None = None) -> str:
+    """The ``Examples::`` block of a module docstring, as an argparse epilog (RawDescriptionHelpFormatter).
+
+    ``keep`` picks entries by their command line; an entry is a command line with its ``\\``
+    continuation lines and the ``#`` comment lines right above it. By default every entry is kept.
+    """
+    lines: list[str] = []
+    comments: list[str] = []
+    continued = kept = False
+    for line in doc.split("Examples::", 1)[1].splitlines():
+        text = line.strip()
+        if line and not line[0].isspace():
+            break  # the prose after the indented examples
+        if continued:
+            lines += [line] if kept else []
+        elif text.startswith("#"):
+            comments.append(line)
+        elif text:
+            kept = keep is None or keep(text)
+            lines += [*comments, line] if kept else []
+            comments = []
+        else:
+            comments = []
+        continued = bool(text) and not text.startswith("#") and text.endswith("\\")
+    return "Examples::\n\n" + "\n".join(lines) + "\n"
 
 
 def _usage() -> str:

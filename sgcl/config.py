@@ -213,13 +213,19 @@ def _merge(dst: dict, src: Mapping) -> None:
             dst[key] = dict(value) if isinstance(value, Mapping) else value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE`` plus trailing ``key=value`` overrides."""
+def add_config_arguments(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """``--config FILE``, trailing ``key=value`` overrides and ``--print-config``.
+
+    ``example`` is shown in the help of the overrides: a real ``key=value`` of this command's config
+    (``tests/test_docs_examples.py`` checks that it loads).
+    """
     parser.add_argument("--config", "-c", default=None, help="YAML config file")
     parser.add_argument(
         "overrides", nargs="*", default=[], metavar="key=value",
-        help="dotted overrides applied after the config file, e.g. train.lr=0.03",
+        help=f"dotted overrides applied after the config file, e.g. {example}",
     )
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit (nothing is run)")
 
 
 def config_from_args(
@@ -234,3 +240,8 @@ def config_from_args(
             flags[dotted] = value
     cfg_overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items()]
     return load_config(cls, args.config, cfg_overrides)
+
+
+def print_config(cfg: Any) -> None:
+    """Print the resolved config ``cfg`` as YAML (what ``--print-config`` shows)."""
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -11,6 +11,13 @@ a labelled patch set is at hand (default: the CRC-VAL-HE-7K sample of ``../share
 balanced accuracy of every encoder (``evaluation.crossval``). The report ends with a heatmap of the
 slide (``evaluation.heatmap_cli.heatmap_slide``): with the labelled set, each patch's probability of tumour
 (TUM) under a linear probe fitted on the labelled set; without it, each patch's spatial-retrieval precision.
+
+Examples::
+
+    sgcl demo --out demo_out
+    # a quicker run on the CPU, without the labelled check
+    sgcl demo --out demo_quick --epochs 5 --device cpu labelled_dir=""
+    sgcl demo --slide /data/slides/case01.svs --out demo_case01 methods=[sgcl]
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sgcl.config import add_config_arguments, config_from_args, to_dict
+from sgcl.cli import examples_epilog
+from sgcl.config import add_config_arguments, config_from_args, print_config, to_dict
 from sgcl.train.logging import read_metric_rows
 from sgcl.utils.atomic import atomic_write_json, atomic_write_text
 
@@ -418,15 +426,23 @@ comparison).</p>
     return dest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgcl demo", description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgcl demo", description=__doc__.splitlines()[0], epilog=examples_epilog(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, example="epochs=5")
     parser.add_argument("--out", dest="out_dir", default=None, help="output folder (default demo_out)")
     parser.add_argument("--slide", default=None, help="slide to run on (default: the shipped demo slide)")
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs per method")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = config_from_args(DemoConfig, args, {"out_dir": "out_dir", "slide": "slide", "epochs": "epochs", "device": "device"})
+    if args.print_config:
+        print_config(cfg)
+        return 0
     if not Path(_resolve(cfg.slide)).is_file():
         print(f"sgcl demo: slide {cfg.slide} not found; pass --slide PATH", file=sys.stderr)
         return 2

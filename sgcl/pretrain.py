@@ -1,18 +1,26 @@
 """``sgcl pretrain``: self-supervised pretraining on a folder of per-slide HDF5 patch files.
 
-    sgcl pretrain --config configs/pretrain/sgcl_r50.yaml data.h5_dir=tiles/patches --out runs/sgcl_r50
-    torchrun --nproc_per_node 4 -m sgcl.cli pretrain --config configs/pretrain/sgcl_r50.yaml ...
-
 Re-running the same command resumes from ``<out>/checkpoints/last.pt``; ``--resume PATH`` picks a
 checkpoint. ``model.backbone`` is a timm name or a foundation encoder of the registry
 (``sgcl extract --encoder list``); ``--init-weights`` (``model.init_weights``) starts from its published
-weights (a file, a folder or a Hugging Face cache folder; nothing is downloaded):
-
-    sgcl pretrain --config configs/pretrain/sgcl_r50.yaml model.backbone=phikon --init-weights /models/phikon ...
+weights (a file, a folder or a Hugging Face cache folder; nothing is downloaded).
 
 The result is ``<out>/export/backbone.safetensors`` + ``backbone.json`` (for a timm backbone loadable with
 ``timm.create_model(name, num_classes=0, checkpoint_path=...)``; ``sgcl extract --encoder <out>/export``
 loads either kind) and ``<out>/config.json``.
+
+Examples::
+
+    sgcl pretrain --config configs/pretrain/sgcl_r50.yaml --h5-dir tiles/patches --out runs/sgcl_r50
+    # a minute on a laptop CPU, with a lower learning rate; --print-config shows the resolved config
+    sgcl pretrain --config configs/pretrain/tiny_cpu.yaml --h5-dir tiles/patches --out runs/tiny optim.lr=0.01
+    sgcl pretrain --config configs/pretrain/moco_v2_r50.yaml method.moco.queue_size=16384 --print-config
+    # start from a foundation encoder's weights (docs/encoders.md)
+    sgcl pretrain --config configs/pretrain/sgcl_r50.yaml model.backbone=phikon --init-weights /models/phikon \\
+        --h5-dir tiles/patches --out runs/sgcl_phikon
+    # 4 GPUs on one node (torchrun sets RANK/WORLD_SIZE)
+    torchrun --nproc_per_node 4 -m sgcl.cli pretrain --config configs/pretrain/sgcl_r50.yaml --h5-dir tiles/patches \\
+        --out runs/sgcl_r50
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sgcl.config import ConfigError, add_config_arguments, config_from_args
+from sgcl.cli import examples_epilog
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config
 
 FLAGS = {
     "h5_dir": "data.h5_dir",
@@ -39,8 +48,9 @@ FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgcl pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
+    p = argparse.ArgumentParser(prog="sgcl pretrain", description=__doc__.split("Examples::", 1)[0].rstrip(),
+                                epilog=examples_epilog(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, example="optim.lr=0.01")
     p.add_argument("--h5-dir", dest="h5_dir", help="folder of .h5 patch files (data.h5_dir)")
     p.add_argument("--slide-dir", dest="slide_dir", action="append", metavar="DIR",
                    help="folder with the slides of coordinates-only files (sgcl tile --no-pixels), repeatable "
@@ -56,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--init-weights", dest="init_weights",
                    help="start the backbone from these weights (model.init_weights; see docs/encoders.md)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
 
 
@@ -70,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sgcl pretrain: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        import yaml
-
-        from sgcl.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print_config(cfg)
         return 0
     from sgcl.data.dataset import DatasetError
     from sgcl.models.backbone import BackboneError

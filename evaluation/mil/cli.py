@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from sgcl import __version__
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.cli import examples_epilog
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config, to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_json
 
 
@@ -191,12 +192,12 @@ def run_mil(cfg: MilConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl eval mil", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=examples_epilog(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", help="features folder of `sgcl extract`, CLAM or TRIDENT (data.features=)")
     p.add_argument("--labels", help="CSV slide_id,label[,patient][,split] (data.labels=)")
     p.add_argument("--out", help="output folder (out_dir=)")
     p.add_argument("--model", choices=["mean", "abmil", "clam_sb"], help="MIL model (model.name=)")
-    add_config_arguments(p)
+    add_config_arguments(p, example="model.name=abmil")
     return p
 
 
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         cfg = config_from_args(MilConfig, args, FLAG_MAP)
+        if args.print_config:
+            print_config(cfg)
+            return 0
         results = run_mil(cfg)
     except (ConfigError, MilDataError, ValueError, FileNotFoundError) as exc:
         print(f"sgcl eval mil: error: {exc}", file=sys.stderr)

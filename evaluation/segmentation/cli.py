@@ -1,9 +1,12 @@
 """``sgcl eval seg``: segmentation fine-tuning, prediction, and the derived nuclei task.
 
-    sgcl eval seg --encoder runs/pretrain/export --data seg_data/ [--frozen] [--label-fraction 0.1] [--out DIR]
-    sgcl eval seg --config configs/eval/seg.yaml train.epochs=20 model.frozen=true
-    sgcl eval seg predict --checkpoint DIR --image big.png [--out DIR]
-    sgcl eval seg predict --checkpoint DIR --slide slide.svs --region 0,0,4096,4096 [--mpp 0.5] [--out DIR]
+Examples::
+
+    sgcl eval seg --encoder runs/pretrain/export --data seg_data/ --label-fraction 0.1 --out runs/seg/ours_10pct
+    sgcl eval seg --encoder resnet18 --data seg_data/ --frozen --out runs/seg/r18_frozen
+    sgcl eval seg --config configs/eval/seg.yaml --data data/nuclei_task train.epochs=20 model.frozen=true
+    sgcl eval seg predict --checkpoint runs/seg/ours_10pct --image big.png --out preds/
+    sgcl eval seg predict --checkpoint runs/seg/ours_10pct --slide slide.svs --region 0,0,4096,4096 --mpp 0.5 --out preds/
     sgcl eval seg build-nuclei --out data/nuclei_task
 """
 
@@ -14,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sgcl.config import ConfigError, add_config_arguments, config_from_args
+from sgcl.cli import examples_epilog
+from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config
 from sgcl.utils.atomic import atomic_write_json
 
 from .config import SegConfig
@@ -23,9 +27,20 @@ TRAIN_FLAGS = {"encoder": "model.encoder", "data": "data", "frozen": "model.froz
                "out": "out", "epochs": "train.epochs", "device": "device", "seed": "train.seed"}
 
 
+def _examples(command: str) -> str:
+    """The docstring's examples of one sub-command (train: ``sgcl eval seg`` without a sub-command)."""
+    def keep(line: str) -> bool:
+        words = line.split()
+        sub = words[3] if len(words) > 3 and words[3] in ("predict", "build-nuclei") else "train"
+        return sub == command
+
+    return examples_epilog(__doc__, keep)
+
+
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl eval seg", description="Fine-tune an encoder + U-Net decoder for segmentation; "
-                                "evaluate Dice/IoU by sliding-window inference. Sub-commands: predict, build-nuclei.")
+                                "evaluate Dice/IoU by sliding-window inference. Sub-commands: predict, build-nuclei.",
+                                epilog=_examples("train"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", help="export folder of `sgcl pretrain`, a checkpoint, or a timm model name")
     p.add_argument("--data", help="folder with images/ + masks/ (or train/ val/ test/), or a CSV image,mask[,split]")
     p.add_argument("--frozen", action="store_true", default=None, help="train the decoder only")
@@ -35,13 +50,14 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_arguments(p)
+    add_config_arguments(p, example="train.epochs=20")
     return p
 
 
 def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl eval seg predict", description="Predict masks with a fine-tuned model "
-                                "(sliding windows); saves mask and overlay PNGs.")
+                                "(sliding windows); saves mask and overlay PNGs.",
+                                epilog=_examples("predict"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder of `sgcl eval seg` or its best.pt")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", nargs="+", help="image file(s) of any size")
@@ -61,7 +77,8 @@ def _predict_parser() -> argparse.ArgumentParser:
 
 def _nuclei_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgcl eval seg build-nuclei", description="Build the derived-label nuclei task "
-                                "(colour deconvolution + Otsu + watershed on real H&E; not expert annotation).")
+                                "(colour deconvolution + Otsu + watershed on real H&E; not expert annotation).",
+                                epilog=_examples("build-nuclei"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--images", nargs="*", help="H&E images (default ../shared/data/images/he-*)")
     p.add_argument("--slide", help="slide to add tissue regions from (default: the demo slide); 'none' to skip")
@@ -76,6 +93,9 @@ def run_train(argv: Sequence[str]) -> int:
 
     args = _train_parser().parse_args(argv)
     cfg = config_from_args(SegConfig, args, TRAIN_FLAGS)
+    if args.print_config:
+        print_config(cfg)
+        return 0
     if not cfg.data:
         raise ConfigError("no data: pass --data <folder or CSV> (or data=... in the config)")
     results = train_segmentation(cfg, progress=not args.quiet)
@@ -162,6 +182,14 @@ def run_build_nuclei(argv: Sequence[str]) -> int:
                              tile_size=args.tile_size, overwrite=args.overwrite)
     print(f"nuclei task (derived labels) -> {task.root}: tiles {task.meta['tiles']}")
     return 0
+
+
+PARSERS = {"train": _train_parser, "predict": _predict_parser, "build-nuclei": _nuclei_parser}
+
+
+def build_parser(command: str = "train") -> argparse.ArgumentParser:
+    """The parser of ``sgcl eval seg [predict|build-nuclei]`` (``train``: no sub-command)."""
+    return PARSERS[command]()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -346,7 +346,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    if args.encoder == "list":
+    if args.encoder == "list" and not args.print_config:
         from sgcl.models.encoders import format_table
 
         print(format_table())

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sgcl tile", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tile whole-slide images into per-slide HDF5 patch files at a chosen µm/px, with a QC picture "
                     "per slide, a cohort manifest.csv and index.html, in our layout or TRIDENT's or CLAM's.",
-        epilog=__doc__.split("Examples::", 1)[1],
+        epilog="Examples::" + __doc__.split("Examples::", 1)[1],
     )
     p.add_argument("items", nargs="*", metavar="INPUT|key=value",
                    help="slide files, folders or slide-list CSVs (ours: path[,slide_id][,mpp]; TRIDENT: wsi[,mpp]; "

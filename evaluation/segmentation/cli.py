@@ -89,8 +89,6 @@ def _nuclei_parser() -> argparse.ArgumentParser:
 
 
 def run_train(argv: Sequence[str]) -> int:
-    from .train import train_segmentation
-
     args = _train_parser().parse_args(argv)
     cfg = config_from_args(SegConfig, args, TRAIN_FLAGS)
     if args.print_config:
@@ -98,6 +96,8 @@ def run_train(argv: Sequence[str]) -> int:
         return 0
     if not cfg.data:
         raise ConfigError("no data: pass --data <folder or CSV> (or data=... in the config)")
+    from .train import train_segmentation  # torch + timm: only when there is work to do
+
     results = train_segmentation(cfg, progress=not args.quiet)
     test = results["test"]
     print(f"test mean Dice {test['mean_dice']:.4f}  mean IoU {test['mean_iou']:.4f}  "

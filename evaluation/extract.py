@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=int)
     p.add_argument("--device")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    add_config_arguments(p, example="batch_size=256")
+    add_config_arguments(p, example="feature_dtype=float16")
     return p
 
 

@@ -429,7 +429,7 @@ comparison).</p>
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgcl demo", description=__doc__.splitlines()[0], epilog=examples_epilog(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, example="epochs=5")
+    add_config_arguments(parser, example="knn_k=16")
     parser.add_argument("--out", dest="out_dir", default=None, help="output folder (default demo_out)")
     parser.add_argument("--slide", default=None, help="slide to run on (default: the shipped demo slide)")
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs per method")

@@ -182,8 +182,8 @@ def test_readme_commands_cheap_parts():
 
 # -- --print-config ----------------------------------------------------------------------------------
 PRINTABLE = [("tile", "slide.svs", "tissue.pen_filter=false"), ("pretrain", "optim.lr=0.01"),
-             ("extract", "batch_size=256"), ("eval", "knn", "knn.temperature=0.1"), ("eval", "seg", "train.epochs=20"),
-             ("eval", "mil", "model.name=abmil"), ("heatmap", "topk_geometry=both"), ("demo", "epochs=5")]
+             ("extract", "feature_dtype=float16"), ("eval", "knn", "knn.temperature=0.1"), ("eval", "seg", "train.epochs=20"),
+             ("eval", "mil", "model.name=abmil"), ("heatmap", "topk_geometry=both"), ("demo", "knn_k=16")]
 
 
 @pytest.mark.parametrize("argv", PRINTABLE, ids=lambda a: " ".join(a[:2]))

@@ -27,7 +27,7 @@ import yaml
 
 from sgcl import docs_check
 from sgcl.docs_check import Example, check_argv, check_example, examples_in_help, examples_in_markdown, sgcl_argvs
-from tests._bad_input import BadInput, run_case
+from _bad_input import BadInput, run_case
 
 REPO = Path(__file__).resolve().parents[1]
 MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

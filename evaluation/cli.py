@@ -31,7 +31,7 @@ import torch
 
 from sgcl import __version__
 from sgcl.cli import examples_epilog
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config, to_dict
+from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config, to_dict
 
 PROTOCOLS = ("knn", "linear", "fewshot", "seg", "mil")
 OVERRIDE_EXAMPLES = {"knn": "knn.temperature=0.1", "linear": "linear.max_iter=1000", "fewshot": "fewshot.l2=0.1"}
@@ -45,8 +45,12 @@ class DataConfig:
     h5: list[str] = field(default_factory=list)  # h5: patch files or folders
     features: Optional[str] = None         # features: a FeatureSet file (.pt/.npz) from features.cache
     test_features: Optional[str] = None    # optional separate test FeatureSet (then `features` is train/val)
-    split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train/val/test, used when no splits given
-    seed: int = 0
+    split: list[float] = bounded(default_factory=lambda: [0.6, 0.2, 0.2], ge=0)  # train/val/test, used when no splits given (normalised to sum 1)
+    seed: int = bounded(0, ge=0)
+
+    def validate(self) -> None:
+        if len(self.split) != 3 or sum(self.split) <= 0:
+            raise ConfigError(f"split: {self.split} must be three fractions (train, val, test) with a positive sum", key="split")
 
 
 @dataclass
@@ -54,9 +58,9 @@ class EncoderConfig:
     spec: str = "resnet50"                 # export folder / weights file / registry encoder (uni, ...) / timm model name
     weights: Optional[str] = None          # a registry encoder's weights: file, folder or HF cache folder (docs/encoders.md)
     model_name: Optional[str] = None
-    input_size: Optional[int] = None
-    batch_size: int = 64
-    num_workers: int = 2
+    input_size: Optional[int] = bounded(None, ge=1)
+    batch_size: int = bounded(64, ge=1)
+    num_workers: int = bounded(2, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cache: Optional[str] = None            # features cache (.pt/.npz); default <out_dir>/features.pt
@@ -64,37 +68,50 @@ class EncoderConfig:
 
 @dataclass
 class KnnConfig:
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07
+    ks: list[int] = bounded(default_factory=lambda: [10, 20, 100, 200], ge=1)  # neighbours; a k above the bank size is clipped to it, with a warning
+    temperature: float = bounded(0.07, gt=0)
     backend: Literal["faiss", "torch"] = "faiss"   # exact search: faiss | torch (same predictions)
-    batch_size: int = 4096
+    batch_size: int = bounded(4096, ge=1)  # queries per search batch
     index: Literal["auto", "exact", "ivf", "hnsw"] = "auto"  # auto: exact up to exact_max bank items, else ivf
-    exact_max: int = 200_000
-    nlist: Optional[int] = None            # ivf lists; None = power of two nearest sqrt(N)/4
-    nprobe: Optional[int] = None           # ivf lists searched; None = max(16, nlist // 8)
-    hnsw_m: Optional[int] = None           # hnsw graph degree; None = 48
-    ef_search: Optional[int] = None        # hnsw search breadth; None = max(256, 4 k)
-    seed: int = 0                          # ivf k-means training sample and init
+    exact_max: int = bounded(200_000, ge=0)  # index=auto: exact search up to this many bank items
+    nlist: Optional[int] = bounded(None, ge=1)  # ivf lists; None = power of two nearest sqrt(N)/4
+    nprobe: Optional[int] = bounded(None, ge=1)  # ivf lists searched; None = max(16, nlist // 8)
+    hnsw_m: Optional[int] = bounded(None, ge=2)  # hnsw graph degree; None = 48
+    ef_search: Optional[int] = bounded(None, ge=1)  # hnsw search breadth; None = max(256, 4 k)
+    seed: int = bounded(0, ge=0)  # ivf k-means training sample and init
+
+    def validate(self) -> None:
+        if not self.ks:
+            raise ConfigError("ks: give at least one k, e.g. [10, 20]", key="ks")
 
 
 @dataclass
 class LinearConfig:
-    l2_grid: list[float] = field(default_factory=lambda: [float(x) for x in np.logspace(-6, 2, 9)])
+    l2_grid: list[float] = bounded(default_factory=lambda: [float(x) for x in np.logspace(-6, 2, 9)], ge=0)  # L2 strengths swept on val
     normalize: Literal["none", "standard", "l2"] = "standard"
-    max_iter: int = 500
+    max_iter: int = bounded(500, ge=1)
+
+    def validate(self) -> None:
+        if not self.l2_grid:
+            raise ConfigError("l2_grid: give at least one L2 strength, e.g. [1e-4, 1e-2]", key="l2_grid")
 
 
 @dataclass
 class FewshotConfig:
-    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    l2: float = 0.01
+    shots: list[int] = bounded(default_factory=lambda: [1, 2, 4, 8, 16], ge=1)  # labelled items per class
+    seeds: list[int] = bounded(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    l2: float = bounded(0.01, ge=0)
     normalize: Literal["none", "standard", "l2"] = "standard"
+
+    def validate(self) -> None:
+        for name in ("shots", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: give at least one value", key=name)
 
 
 @dataclass
 class ReportConfig:
-    bootstrap: int = 1000                  # resamples for 95% CIs (0 = off)
+    bootstrap: int = bounded(1000, ge=0)  # resamples for 95% CIs (0 = off)
     plots: bool = True
     map: Literal["pca", "tsne", "none"] = "pca"
 
@@ -191,6 +208,12 @@ def run_protocol(protocol: str, cfg: EvalConfig) -> dict:
         bank_x, bank_y = fs.split(("train", "val"))
         test_x, test_y = fs.split("test")
         kc = cfg.knn
+        clipped = sorted({k for k in kc.ks if k > len(bank_x)})
+        if clipped:  # the vote of k > bank size uses the whole bank: say so once, and in results.json
+            note = (f"knn.ks {clipped} exceed the bank of {len(bank_x)} train+val items: clipped to k={len(bank_x)} "
+                    f"(their results equal k={len(bank_x)}'s)")
+            print(f"sgcl eval knn: warning: {note}", file=sys.stderr)
+            results.setdefault("warnings", []).append(note)
         plan = plan_index(len(bank_x), min(max(kc.ks), len(bank_x)), kc.index, kc.exact_max, kc.nlist, kc.nprobe,
                           hnsw_m=kc.hnsw_m, ef_search=kc.ef_search, seed=kc.seed)
         results["knn_index"] = plan

@@ -53,7 +53,7 @@ import torch
 
 from sgcl import __version__
 from sgcl.cli import examples_epilog
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config
+from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config
 from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
@@ -68,12 +68,12 @@ class ExtractConfig:
     encoder: str = "resnet50"                         # export folder / weights file / registry encoder (uni, ...) / timm model name
     weights: Optional[str] = None                     # a registry encoder's weights: file, folder or HF cache folder (None: default caches)
     model_name: Optional[str] = None                  # timm architecture when the weights file has no backbone.json
-    input_size: Optional[int] = None                  # override the input side (default: the registry entry / timm pretrained cfg)
+    input_size: Optional[int] = bounded(None, ge=1)  # override the input side (default: the registry entry / timm pretrained cfg)
     slide_dirs: list[str] = field(default_factory=list)  # where slides are found for coords-only inputs
     read_from: Literal["auto", "stored", "slide"] = "auto"
-    patch_size: Optional[int] = None                  # output patch side for on-the-fly reads (default: recorded)
-    batch_size: int = 64
-    num_workers: int = 4
+    patch_size: Optional[int] = bounded(None, ge=1)  # output patch side for on-the-fly reads (default: recorded)
+    batch_size: int = bounded(64, ge=1)
+    num_workers: int = bounded(4, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     feature_dtype: Literal["float32", "float16"] = "float32"

@@ -37,7 +37,7 @@ import numpy as np
 
 from evaluation.heatmap import HeatmapError
 from sgcl import __version__
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config, to_dict
+from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config, to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_text
 
 MAX_PICTURE_PIXELS = 1 << 28  # 268 M px (~800 MB RGB): a finer --mpp / --level is refused
@@ -48,7 +48,7 @@ class HeatmapConfig:
     slides: list[str] = field(default_factory=list)    # slide files, folders or slide-list CSVs (found by slide id)
     features: list[str] = field(default_factory=list)  # feature .h5 files or folders (h5_files/, features_<enc>/)
     model: Optional[str] = None           # MIL model folder (`sgcl eval mil`): its per-patch attention and logits
-    fold: Optional[int] = None            # the model's fold (default: as the model folder decides)
+    fold: Optional[int] = bounded(None, ge=0)  # the model's fold (default: as the model folder decides)
     scores: Optional[str] = None          # or saved scores: .h5 (`scores` / `scores/<name>`), .csv (x,y,<score>...) or a folder
     out_dir: str = "outputs/heatmaps"
     score: Optional[str] = None           # score drawn (default: attention when present, else the first)
@@ -56,17 +56,23 @@ class HeatmapConfig:
     vmin: Optional[float] = None          # normalize=raw: the score at the colour bar's left end (default: the lowest)
     vmax: Optional[float] = None          # normalize=raw: the score at its right end (default: the highest)
     cmap: str = "jet"                     # any matplotlib colour map (jet, coolwarm, viridis, ...)
-    alpha: float = 0.5                    # opacity of the colours over the slide
+    alpha: float = bounded(0.5, ge=0, le=1)  # opacity of the colours over the slide
     threshold: Optional[float] = None     # hide patches whose normalised score is below this
-    level: Optional[int] = None           # draw on this pyramid level
-    mpp: Optional[float] = None           # or at this µm/px (needs the slide's µm/px)
-    max_size: int = 2048                  # default: the longer side of the picture is at most this
+    level: Optional[int] = bounded(None, ge=0)  # draw on this pyramid level
+    mpp: Optional[float] = bounded(None, gt=0)  # or at this µm/px (needs the slide's µm/px)
+    max_size: int = bounded(2048, ge=16)  # default: the longer side of the picture is at most this
     refine: bool = False                  # overlapping-patch refinement (half-stride patches, interpolated)
-    topk: int = 10                        # patches in <slide>_topk.geojson (0 = none)
+    topk: int = bounded(10, ge=0)  # patches in <slide>_topk.geojson (0 = none)
     topk_geometry: Literal["box", "point", "both"] = "box"
-    gallery: int = 8                      # top and bottom patches in <slide>_gallery.png (0 = none)
-    gallery_tile: int = 128               # px per gallery patch
+    gallery: int = bounded(8, ge=0)  # top and bottom patches in <slide>_gallery.png (0 = none)
+    gallery_tile: int = bounded(128, ge=8)  # px per gallery patch
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.vmin is not None and self.vmax is not None and not self.vmin < self.vmax:
+            raise ConfigError(f"vmax: {self.vmax} must be above vmin ({self.vmin})", key="vmax")
+        if self.level is not None and self.mpp is not None:
+            raise ConfigError("mpp: give level or mpp, not both", key="mpp")
 
 
 FLAG_MAP = {"slides": "slides", "features": "features", "model": "model", "scores": "scores", "fold": "fold",

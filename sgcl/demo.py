@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from sgcl.cli import examples_epilog
-from sgcl.config import add_config_arguments, config_from_args, print_config, to_dict
+from sgcl.config import add_config_arguments, bounded, config_from_args, print_config, to_dict
 from sgcl.train.logging import read_metric_rows
 from sgcl.utils.atomic import atomic_write_json, atomic_write_text
 
@@ -45,17 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 class DemoConfig:
     slide: str = "data/demo/CMU-1-Small-Region.svs"  # the slide to run on (default: the shipped CC0 demo slide)
     out_dir: str = "demo_out"
-    target_mpp: float = 0.5               # µm/px of the patches
-    patch_size: int = 96                  # patch side in pixels (small, so the demo slide yields ~230 patches)
+    target_mpp: float = bounded(0.5, gt=0)  # µm/px of the patches
+    patch_size: int = bounded(96, ge=1)  # patch side in pixels (small, so the demo slide yields ~230 patches)
     pretrain_config: str = "configs/pretrain/demo_cpu.yaml"  # paths relative to the cwd, else to the repo
     methods: list[str] = field(default_factory=lambda: ["sgcl", "moco_v2"])  # trained with the same budget
-    epochs: int = 60                      # pretraining epochs per method (~4 min for both on 2 CPU cores)
+    epochs: int = bounded(60, ge=1)  # pretraining epochs per method (~4 min for both on 2 CPU cores)
     device: str = "auto"                  # auto: a GPU when present, else the CPU
-    knn_k: int = 8                        # neighbours for spatial retrieval
-    radius: float = 1.5                   # grid cells that count as spatial neighbours (8-neighbourhood)
+    knn_k: int = bounded(8, ge=1)  # neighbours for spatial retrieval
+    radius: float = bounded(1.5, gt=0)  # grid cells that count as spatial neighbours (8-neighbourhood)
     labelled_dir: str = "../shared/data/patches/crc-val-he-7k-sample"  # <class>/* images for the labelled check ("" = skip)
-    labelled_mpp: float = 0.5             # µm/px of those images (resized to target_mpp)
-    seed: int = 0
+    labelled_mpp: float = bounded(0.5, gt=0)  # µm/px of those images (resized to target_mpp)
+    seed: int = bounded(0, ge=0)
 
 
 def _resolve(path: str) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from sgcl import __version__
 from sgcl.cli import examples_epilog
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config, to_dict
+from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config, to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_json
 
 
@@ -34,50 +34,50 @@ class MilDataConfig:
     patient_column: str = "patient"        # absent column: each slide is its own patient
     split_column: str = "split"            # present column (train/val/test): used instead of cross-validation
     prefer: Literal["h5", "pt"] = "h5"     # file read when a slide has both
-    max_patches_per_bag: Optional[int] = None  # training only: random patches per bag per epoch (None = all)
-    num_workers: int = 0                   # bag reader processes
+    max_patches_per_bag: Optional[int] = bounded(None, ge=1)  # training only: random patches per bag per epoch (None = all)
+    num_workers: int = bounded(0, ge=0)  # bag reader processes
 
 
 @dataclass
 class MilModelConfig:
     name: Literal["mean", "abmil", "clam_sb"] = "abmil"
-    hidden_dim: int = 256                  # instance embedding size
-    attention_dim: int = 128               # gated attention size (abmil, clam_sb)
-    dropout: float = 0.25
-    k_sample: int = 8                      # clam_sb: top-k / bottom-k attended instances for the instance loss
-    bag_weight: float = 0.7                # clam_sb: loss = bag_weight·bag CE + (1 − bag_weight)·instance loss
+    hidden_dim: int = bounded(256, ge=1)  # instance embedding size
+    attention_dim: int = bounded(128, ge=1)  # gated attention size (abmil, clam_sb)
+    dropout: float = bounded(0.25, ge=0, lt=1)
+    k_sample: int = bounded(8, ge=1)  # clam_sb: top-k / bottom-k attended instances for the instance loss
+    bag_weight: float = bounded(0.7, ge=0, le=1)  # clam_sb: loss = bag_weight·bag CE + (1 − bag_weight)·instance loss
     inst_loss: Literal["ce", "svm"] = "ce"  # clam_sb: instance loss, cross-entropy or smoothed binary SVM
     subtyping: bool = True                 # clam_sb: top-k of a bag are also negatives for the other classes
 
 
 @dataclass
 class MilTrainConfig:
-    epochs: int = 50
-    lr: float = 2e-4
-    weight_decay: float = 1e-4             # AdamW
-    min_lr_ratio: float = 0.01             # cosine schedule floor, as a fraction of lr
-    patience: int = 10                     # early stopping: epochs without a lower validation loss
-    min_epochs: int = 5
+    epochs: int = bounded(50, ge=1)
+    lr: float = bounded(2e-4, gt=0)
+    weight_decay: float = bounded(1e-4, ge=0)  # AdamW
+    min_lr_ratio: float = bounded(0.01, ge=0, le=1)  # cosine schedule floor, as a fraction of lr
+    patience: int = bounded(10, ge=1)  # early stopping: epochs without a lower validation loss
+    min_epochs: int = bounded(5, ge=0)  # no early stop before this epoch
     class_weights: bool = True             # inverse-frequency class weights in the bag loss
     device: str = "auto"
 
 
 @dataclass
 class MilCVConfig:
-    folds: int = 5                         # patient-level stratified folds (leave-one-patient-out when fewer patients)
-    val_fraction: float = 0.2              # share of each training part's patients for validation (0 = none)
+    folds: int = bounded(5, ge=2)  # patient-level stratified folds (leave-one-patient-out when fewer patients)
+    val_fraction: float = bounded(0.2, ge=0, lt=1)  # share of each training part's patients for validation (0 = none)
 
 
 @dataclass
 class MilReportConfig:
-    bootstrap: int = 1000                  # patient-bootstrap resamples for 95% CIs (0 = off)
+    bootstrap: int = bounded(1000, ge=0)  # patient-bootstrap resamples for 95% CIs (0 = off)
     plots: bool = True
 
 
 @dataclass
 class MilConfig:
     out_dir: str = "outputs/eval/mil"
-    seed: int = 0                          # folds, initialisation, patch sampling, bootstrap
+    seed: int = bounded(0, ge=0)  # folds, initialisation, patch sampling, bootstrap
     progress: bool = True
     data: MilDataConfig = field(default_factory=MilDataConfig)
     model: MilModelConfig = field(default_factory=MilModelConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sgcl.config import ConfigError, bounded
 from sgcl.methods.dense import DenseConfig
 
 INDEXED_MINING_POOL = 65536  # rows ranked per step with sgcl.candidates=indexed when sgcl.mining_pool is 0
@@ -22,43 +23,43 @@ class SGCLConfig:
     intra_term: bool = True       # spatial positives in the same slide
     inter_term: bool = True       # semantic positives: aux anchor + bank neighbours agreeing in all k-means runs
     inner_term: bool = True       # quadrant (spatial-guided multi-crop) term L_mcrop
-    radius: float = 3.0           # grid cells: 0 < ‖Δgrid‖₂ < radius (3 → 5×5 window minus centre)
-    aux_num: int = 1              # auxiliary anchors per query (most similar spatial neighbours)
-    nei_k: int = 4096             # candidate neighbours per anchor AND mined negatives per anchor
-    num_negatives: int = 65536    # NPID negatives of the self/inner terms (shared by the batch)
-    kmeans_runs: int = 3
-    kmeans_clusters: int = 1000   # clipped when N is small (at least 4 rows per cluster)
-    kmeans_iters: int = 20
-    kmeans_seed: int = 1234       # run r uses seed + r
+    radius: float = bounded(3.0, gt=0)  # grid cells: 0 < ‖Δgrid‖₂ < radius (3 → 5×5 window minus centre)
+    aux_num: int = bounded(1, ge=0)  # auxiliary anchors per query (most similar spatial neighbours)
+    nei_k: int = bounded(4096, ge=1)  # candidate neighbours per anchor AND mined negatives per anchor
+    num_negatives: int = bounded(65536, ge=1)  # NPID negatives of the self/inner terms (shared by the batch)
+    kmeans_runs: int = bounded(3, ge=1)
+    kmeans_clusters: int = bounded(1000, ge=1)  # clipped when N is small (at least 4 rows per cluster)
+    kmeans_iters: int = bounded(20, ge=1)
+    kmeans_seed: int = bounded(1234, ge=0)  # run r uses seed + r
     mining: Literal["semi_hard", "hardest", "uniform"] = "semi_hard"
-    mining_frac: float = 0.2      # semi-hard: rank positions over the top ⌈frac·N⌉
-    mining_pool: int = 0          # rank within this many random bank rows per step (0 = all N, as the reference)
+    mining_frac: float = bounded(0.2, gt=0, le=1)  # semi-hard: rank positions over the top ⌈frac·N⌉
+    mining_pool: int = bounded(0, ge=0)  # rank within this many random bank rows per step (0 = all N, as the reference)
     # memory bank only: ``exact`` scans the whole bank every step for the semantic candidates (the
     # reference, cost ∝ N); ``indexed`` takes them from per-cluster member lists rebuilt at each
     # k-means refit (at most ``candidate_pool`` members per anchor, uniformly sampled) and mines
     # within ``mining_pool`` rows (65,536 if 0): per-step cost bounded in N (docs/sgcl_method.md)
     candidates: Literal["exact", "indexed"] = "exact"
-    candidate_pool: int = 1024    # indexed: members of the anchor's k-means group considered per anchor
-    beta_a: float = 5.0
-    beta_b: float = 15.0
+    candidate_pool: int = bounded(1024, ge=1)  # indexed: members of the anchor's k-means group considered per anchor
+    beta_a: float = bounded(5.0, gt=0)  # Beta(a, b) shape of the semi-hard rank positions
+    beta_b: float = bounded(15.0, gt=0)
     denominator: Literal["faithful", "clean"] = "faithful"  # C_i = N − |P_i| (reference) or 0
-    rampup_epochs: float = 10.0   # w(e) = exp(−5(1 − min(e,R)/R)²)
-    bank_momentum: float = 0.5
+    rampup_epochs: float = bounded(10.0, ge=0)  # w(e) = exp(−5(1 − min(e,R)/R)²)
+    bank_momentum: float = bounded(0.5, ge=0, le=1)  # NPID bank row update: m·old + (1 − m)·new
     bank: Literal["memory", "queue"] = "memory"  # NPID bank of N rows, or momentum encoder + queue
     bank_dtype: Literal["float32", "float16"] = "float32"
     backbone_bank: bool = True    # N×F backbone bank for semi-hard/hardest ranking (else projection bank ranks)
-    sim_chunk: int = 262144       # rows per chunk of bank similarity (0 = whole bank at once)
-    lambda_single: float = 1.0
-    lambda_spatial: float = 1.0   # multiplies w(e)·L_sp
-    lambda_inner: float = 1.0
+    sim_chunk: int = bounded(262144, ge=0)  # rows per chunk of bank similarity (0 = whole bank at once)
+    lambda_single: float = bounded(1.0, ge=0)
+    lambda_spatial: float = bounded(1.0, ge=0)  # multiplies w(e)·L_sp
+    lambda_inner: float = bounded(1.0, ge=0)
 
 
 @dataclass
 class MoCoConfig:
     """MoCo v2 (and SGCL's queue mode): momentum key encoder + FIFO queue."""
 
-    queue_size: int = 65536
-    momentum: float = 0.999
+    queue_size: int = bounded(65536, ge=1)
+    momentum: float = bounded(0.999, ge=0, le=1)  # key encoder EMA
     # Shuffle-BN: under DDP the key encoder sees a batch permuted across ranks, so BatchNorm
     # statistics cannot leak which samples are positives. With SyncBN (or no BN) it is unneeded.
     shuffle_bn: bool = True
@@ -66,23 +67,29 @@ class MoCoConfig:
 
 @dataclass
 class SimCLRConfig:
-    temperature: float = 0.1
+    temperature: float = bounded(0.1, gt=0)
 
 
 @dataclass
 class MethodConfig:
     name: Literal["sgcl", "moco_v2", "simclr"] = "sgcl"
-    proj_hidden_dim: int = 0      # 0 = backbone.num_features (SGCL SwAVNeck 512→512→128; MoCo v2 2048→2048→128)
-    proj_dim: int = 128
-    proj_layers: int = 2
+    proj_hidden_dim: int = bounded(0, ge=0)  # 0 = backbone.num_features (SGCL SwAVNeck 512→512→128; MoCo v2 2048→2048→128)
+    proj_dim: int = bounded(128, ge=1)
+    proj_layers: int = bounded(2, ge=1)  # 1 = linear projection
     proj_batch_norm: bool = False  # SimCLR's head uses BN; MoCo v2 / SGCL do not
-    tau_head: float = 0.2          # instance/queue temperature (SGCL τ_h, MoCo v2 τ)
-    T_spatial: float = 0.07        # SGCL multi-positive loss temperature (separate from τ_h)
-    seed: int = 0                  # bank/queue initialisation and per-step negative draws
+    tau_head: float = bounded(0.2, gt=0)  # instance/queue temperature (SGCL τ_h, MoCo v2 τ)
+    T_spatial: float = bounded(0.07, gt=0)  # SGCL multi-positive loss temperature (separate from τ_h)
+    seed: int = bounded(0, ge=0)  # bank/queue initialisation and per-step negative draws
     sgcl: SGCLConfig = field(default_factory=SGCLConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)  # optional pixel-level term (sgcl.methods.dense)
+
+    def validate(self) -> None:
+        s = self.sgcl
+        if self.name == "sgcl" and not (s.self_term or s.intra_term or s.inter_term or s.inner_term):
+            raise ConfigError("sgcl: method sgcl needs at least one of sgcl.self_term, intra_term, inter_term, "
+                              "inner_term set to true", key="sgcl")
 
 
 def build_method(cfg: MethodConfig, backbone):  # noqa: ANN001 - re-exported factory

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgcl.config import ConfigError
+from sgcl.config import ConfigError, bounded, check_values
 from sgcl.losses.pixel_info_nce import pixel_info_nce
 from sgcl.methods.base import PretrainMethod
 from sgcl.models.heads import DenseProjectionHead
@@ -48,43 +48,40 @@ class DenseConfig:
     """Options of the dense branch (the ``dense:`` section of a pretraining config)."""
 
     enabled: bool = False       # add the pixel-level InfoNCE between the two global views to the method's loss
-    weight: float = 1.0         # total loss = method loss + weight * dense loss
+    weight: float = bounded(1.0, ge=0)  # total loss = method loss + weight * dense loss
     sampler: Literal["uniform", "arco_sg", "arco_sag", "igu"] = "uniform"  # anchor cells per image, all without replacement: min(n_anchors, candidates) each
     arco_mode: Literal["virtual", "spatial"] = "spatial"  # ARCO strata: g x g cells of the feature map, or the reference code's virtual index grid
-    groups: int = 4             # ARCO g (g² strata)
-    n_anchors: int = 64         # anchor cells per image, among the cells both views see (one per cell of view B)
-    temperature: float = 0.2
-    hidden_dim: int = 512       # dense projection head (1x1 convs)
-    out_dim: int = 128
+    groups: int = bounded(4, ge=1)  # ARCO g (g² strata)
+    n_anchors: int = bounded(64, ge=2)  # anchor cells per image, among the cells both views see (one per cell of view B)
+    temperature: float = bounded(0.2, gt=0)  # pixel InfoNCE temperature (typical 0.1-0.2)
+    hidden_dim: int = bounded(512, ge=1)  # dense projection head (1x1 convs)
+    out_dim: int = bounded(128, ge=1)
     igu_method: Literal["rank_disk", "box_hist"] = "rank_disk"  # IGU entropy map: disk of radius igu_radius (bits) or igu_box² box histogram (nats); computed once per patch in the loader
     igu_grey: Literal["haematoxylin", "luminance"] = "haematoxylin"  # grey channel of the entropy map
-    igu_alpha: float = 0.3      # anchor probability ∝ H^alpha of the cell's mean entropy
-    igu_threshold: float | None = None  # set: probability ∝ 1[H >= threshold] instead of H^alpha
-    igu_radius: int = 10
-    igu_box: int = 64
-    igu_cache: int = 1024       # entropy maps kept per loader worker (LRU, float16: ~100 KB per 224-px patch); 0 = no cache
+    igu_alpha: float = bounded(0.3, ge=0)  # anchor probability ∝ H^alpha of the cell's mean entropy
+    igu_threshold: float | None = bounded(None, ge=0)  # set: probability ∝ 1[H >= threshold] instead of H^alpha
+    igu_radius: int = bounded(10, ge=1)  # rank_disk: disk radius, px
+    igu_box: int = bounded(64, ge=1)  # box_hist: box side, px
+    igu_cache: int = bounded(1024, ge=0)  # entropy maps kept per loader worker (LRU, float16: ~100 KB per 224-px patch); 0 = no cache
     igu_adaptive_jitter: bool = True  # sampler igu: per-region brightness/contrast of IGU-Aug on the global views (CPU pipeline, aug.gpu=false); replaces aug.brightness/aug.contrast there
     igu_category_mode: Literal["absolute", "percentile"] = "absolute"  # entropy categories low/medium/high: fixed thresholds, or each patch's own percentiles
-    igu_category_thresholds: tuple[float, float] | None = None  # absolute mode, in the map's units; None = the H&E default of igu_method/igu_grey (rank_disk+haematoxylin: 4.4, 5.4 bits)
-    igu_category_percentiles: tuple[float, float] = (30.0, 70.0)  # percentile mode: per-patch percentiles of its entropy map
-    igu_jitter_smooth: float = 4.0  # Gaussian sigma (view px) smoothing the per-pixel factor maps: no hard seams between regions
-    seed: int = 0               # anchor draws are seeded from (seed, step): identical across ranks and resumes
+    igu_category_thresholds: tuple[float, float] | None = bounded(None, ge=0)  # absolute mode, in the map's units; None = the H&E default of igu_method/igu_grey (rank_disk+haematoxylin: 4.4, 5.4 bits)
+    igu_category_percentiles: tuple[float, float] = bounded((30.0, 70.0), ge=0, le=100)  # percentile mode: per-patch percentiles of its entropy map
+    igu_jitter_smooth: float = bounded(4.0, ge=0)  # Gaussian sigma (view px) smoothing the per-pixel factor maps: no hard seams between regions
+    seed: int = bounded(0, ge=0)  # anchor draws are seeded from (seed, step): identical across ranks and resumes
 
     def __post_init__(self) -> None:
-        if self.n_anchors < 2:
-            raise ValueError(f"dense.n_anchors={self.n_anchors} must be >= 2 (anchors are each other's negatives)")
-        if self.temperature <= 0:
-            raise ValueError(f"dense.temperature={self.temperature} must be > 0 (typical 0.1-0.2)")
-        if self.groups < 1:
-            raise ValueError(f"dense.groups={self.groups} must be >= 1")
+        check_values(self)  # also when built in code: ranges (n_anchors >= 2: anchors are each other's negatives) + validate()
+
+    def validate(self) -> None:
         lo, hi = self.category_thresholds
         if not lo <= hi:
-            raise ValueError(f"dense.igu_category_thresholds={[lo, hi]} must be increasing (low <= high)")
+            raise ConfigError(f"igu_category_thresholds: {[lo, hi]} must be increasing (low <= high)",
+                              key="igu_category_thresholds")
         plo, phi = self.igu_category_percentiles
-        if not 0 <= plo <= phi <= 100:
-            raise ValueError(f"dense.igu_category_percentiles={[plo, phi]} must be increasing within [0, 100]")
-        if self.igu_jitter_smooth < 0 or self.igu_cache < 0:
-            raise ValueError("dense.igu_jitter_smooth and dense.igu_cache must be >= 0")
+        if not plo <= phi:
+            raise ConfigError(f"igu_category_percentiles: {[plo, phi]} must be increasing (low <= high)",
+                              key="igu_category_percentiles")
 
     @property
     def category_thresholds(self) -> tuple[float, float]:

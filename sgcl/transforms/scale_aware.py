@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from sgcl.config import ConfigError, bounded
 from sgcl.transforms.base import CropBox
 
 RHO_CHOICES = (1.0, 0.5, 0.25, 0.125)
@@ -184,15 +185,20 @@ class SmallWindowConfig:
     for the global views, and/or ``aug.local_crop=small_window`` for the multi-crop local views;
     ``L`` is ``aug.global_size`` resp. ``aug.local_size``)."""
 
-    rho: float = 0.25
+    rho: float = bounded(0.25, gt=0, le=1)  # window side = rho · L (typical 1, 0.5, 0.25, 0.125)
     placement: Literal["random", "proximity"] = "proximity"
     resolution: Literal["native", "zoom"] = "native"
-    kappa: float = 0.5
-    size_jitter: float = 0.0
-    min_std: float = 0.0
-    min_tissue: float = 0.0
-    background: int = 220
-    max_tries: int = 10
+    kappa: float = bounded(0.5, ge=0, le=1)  # proximity: centre offset up to kappa · window side (0.5: >= 25 % overlap)
+    size_jitter: float = bounded(0.0, ge=0, lt=1)  # window side jittered by ± this fraction (zoom resolution only)
+    min_std: float = bounded(0.0, ge=0)  # reject windows whose grey std (0-255) is below this
+    min_tissue: float = bounded(0.0, ge=0, le=1)  # reject windows with a smaller tissue fraction
+    background: int = bounded(220, ge=0, le=255)  # grey level above which a pixel is glass, not tissue
+    max_tries: int = bounded(10, ge=1)  # draws before the best window seen is kept
+
+    def validate(self) -> None:
+        if self.resolution == "native" and self.size_jitter > 0:
+            raise ConfigError(f"size_jitter: {self.size_jitter} needs resolution=zoom (native windows of different "
+                              "sizes cannot be batched); set size_jitter=0 or resolution=zoom", key="size_jitter")
 
 
 def small_window_policy(out_size: int | None, scale=None, **options) -> SmallWindowCrop:  # noqa: ANN001

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default=None, help="output folder (config key out_dir)")
     p.add_argument("--target-mpp", type=float, default=None, help="µm/px of the patches (default 0.5)")
     p.add_argument("--patch-size", type=int, default=None, help="patch side in output pixels (default 224)")
-    p.add_argument("--stride", type=int, default=None, help="output pixels between patch origins (default: patch size)")
+    p.add_argument("--stride", type=int, default=None, help="output pixels between patch origins, >= 1 (default: the patch size; larger leaves gaps)")
     p.add_argument("--assume-mpp", type=float, default=None,
                    help="µm/px for slides whose header has none (a CSV mpp column wins)")
     p.add_argument("--workers", "-j", type=int, default=None,

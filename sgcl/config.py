@@ -52,7 +52,7 @@ class Range:
     le: float | None = None
 
     def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
                 and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))

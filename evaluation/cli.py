@@ -49,6 +49,7 @@ class DataConfig:
     seed: int = bounded(0, ge=0)
 
     def validate(self) -> None:
+        """split is three fractions (train, val, test) with a positive sum."""
         if len(self.split) != 3 or sum(self.split) <= 0:
             raise ConfigError(f"split: {self.split} must be three fractions (train, val, test) with a positive sum", key="split")
 
@@ -81,6 +82,7 @@ class KnnConfig:
     seed: int = bounded(0, ge=0)  # ivf k-means training sample and init
 
     def validate(self) -> None:
+        """ks is not empty (a k above the bank size is clipped to it at run time, with a warning in results.json)."""
         if not self.ks:
             raise ConfigError("ks: give at least one k, e.g. [10, 20]", key="ks")
 
@@ -92,6 +94,7 @@ class LinearConfig:
     max_iter: int = bounded(500, ge=1)
 
     def validate(self) -> None:
+        """l2_grid is not empty."""
         if not self.l2_grid:
             raise ConfigError("l2_grid: give at least one L2 strength, e.g. [1e-4, 1e-2]", key="l2_grid")
 
@@ -104,6 +107,7 @@ class FewshotConfig:
     normalize: Literal["none", "standard", "l2"] = "standard"
 
     def validate(self) -> None:
+        """shots and seeds are not empty."""
         for name in ("shots", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: give at least one value", key=name)

@@ -69,6 +69,7 @@ class HeatmapConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """vmin < vmax when both are set; level and mpp are not both set."""
         if self.vmin is not None and self.vmax is not None and not self.vmin < self.vmax:
             raise ConfigError(f"vmax: {self.vmax} must be above vmin ({self.vmin})", key="vmax")
         if self.level is not None and self.mpp is not None:

@@ -37,6 +37,7 @@ class TissueConfig:
     max_background_fraction: float = bounded(0.9, ge=0, le=1)  # drop patches whose background pixel fraction exceeds this (not run with --no-pixels)
 
     def validate(self) -> None:
+        """black_threshold < white_threshold."""
         if self.black_threshold >= self.white_threshold:
             raise ConfigError(f"black_threshold: {self.black_threshold} must be below white_threshold "
                               f"({self.white_threshold})", key="black_threshold")

@@ -65,6 +65,17 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
     return out
 
 
+def rules(cls: type, prefix: str = "") -> list[str]:
+    """The rules between keys of ``cls`` and its sections: each ``validate()`` docstring, with its section."""
+    hints = typing.get_type_hints(cls)
+    doc = inspect.getdoc(getattr(cls, "validate", None)) if callable(getattr(cls, "validate", None)) else None
+    out = [f"`{prefix.rstrip('.') or '(top level)'}`: {doc}"] if doc else []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += rules(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
 def render() -> str:
     lines = [
         "# Config reference",
@@ -86,6 +97,9 @@ def render() -> str:
         for key, tp, default, allowed, note in rows(cls):
             allowed = f"`{allowed}`" if allowed else ""
             lines.append(f"| `{key}` | `{tp}` | `{default}` | {allowed} | {note} |".replace("`''`", "`\"\"`"))
+        between = rules(cls)
+        if between:
+            lines += ["", "Rules between keys:", ""] + [f"- {rule}" for rule in between]
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ class SegTrainConfig:
     threads: int = bounded(0, ge=0)  # torch CPU threads; 0 = torch's default
 
     def validate(self) -> None:
+        """dice_weight and ce_weight are not both 0."""
         if self.dice_weight == 0 and self.ce_weight == 0:
             raise ConfigError("dice_weight: dice_weight and ce_weight are both 0 (no loss); make one positive",
                               key="dice_weight")
@@ -65,6 +66,7 @@ class SegConfig:
     infer: SegInferConfig = field(default_factory=SegInferConfig)
 
     def validate(self) -> None:
+        """val_fraction + test_fraction < 1."""
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"test_fraction: val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
                               "leaves no training images; keep the sum below 1", key="test_fraction")

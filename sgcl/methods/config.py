@@ -86,6 +86,7 @@ class MethodConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)  # optional pixel-level term (sgcl.methods.dense)
 
     def validate(self) -> None:
+        """name=sgcl needs at least one of sgcl.self_term, intra_term, inter_term, inner_term."""
         s = self.sgcl
         if self.name == "sgcl" and not (s.self_term or s.intra_term or s.inter_term or s.inner_term):
             raise ConfigError("sgcl: method sgcl needs at least one of sgcl.self_term, intra_term, inter_term, "

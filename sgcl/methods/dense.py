@@ -74,6 +74,7 @@ class DenseConfig:
         check_values(self)  # also when built in code: ranges (n_anchors >= 2: anchors are each other's negatives) + validate()
 
     def validate(self) -> None:
+        """igu_category_thresholds and igu_category_percentiles are increasing (low <= high)."""
         lo, hi = self.category_thresholds
         if not lo <= hi:
             raise ConfigError(f"igu_category_thresholds: {[lo, hi]} must be increasing (low <= high)",

@@ -51,6 +51,7 @@ class AugConfig:
     gpu: bool = False                   # photometric jitter on the device (loader only decodes + crops)
 
     def validate(self) -> None:
+        """global_scale and local_scale are (min, max) with min <= max."""
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             if lo > hi:

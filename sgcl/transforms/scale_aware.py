@@ -196,6 +196,7 @@ class SmallWindowConfig:
     max_tries: int = bounded(10, ge=1)  # draws before the best window seen is kept
 
     def validate(self) -> None:
+        """size_jitter > 0 needs resolution=zoom (native windows of different sizes cannot be batched)."""
         if self.resolution == "native" and self.size_jitter > 0:
             raise ConfigError(f"size_jitter: {self.size_jitter} needs resolution=zoom (native windows of different "
                               "sizes cannot be batched); set size_jitter=0 or resolution=zoom", key="size_jitter")

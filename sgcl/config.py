@@ -1,7 +1,7 @@
 """Typed configs: YAML files loaded into dataclasses, with dotted ``key=value`` overrides.
 
 Every command of the toolkit describes its options as a (nested) dataclass. ``load_config``
-reads a YAML file with ``yaml.safe_load``, applies overrides such as ``train.lr=0.03`` and
+reads a YAML file with ``yaml.safe_load``, applies overrides such as ``optim.lr=0.03`` and
 checks every key, type and value. An unknown key, a value of the wrong type or out of its range
 raises :class:`ConfigError` naming the key and where it came from (the file or the command line),
 so a typo never passes silently and a bad value is refused before any work starts.
@@ -253,7 +253,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``key.sub=value``; the value is parsed as YAML (``3`` int, ``[1,2]`` list, ``null``)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=0.03)")
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=0.03 for sgcl pretrain; `sgcl CMD --print-config` lists the keys)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:

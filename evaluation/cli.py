@@ -29,6 +29,7 @@ import torch
 
 from sgcl import __version__
 from sgcl.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from sgcl.utils.atomic import ensure_writable_dir
 
 PROTOCOLS = ("knn", "linear", "fewshot", "seg", "mil")
 
@@ -170,8 +171,7 @@ def run_protocol(protocol: str, cfg: EvalConfig) -> dict:
     from evaluation import reports
 
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(cfg.out_dir)  # before features are computed
     fs = load_feature_set(cfg)
     c = fs.num_classes
     counts = {s: int(sum(1 for x in fs.splits if x == s)) for s in ("train", "val", "test")}

@@ -2,20 +2,27 @@
 
 Every output of the toolkit is written under a temporary name in the destination folder and
 renamed into place when complete, so a reader never sees a partial file and an interrupted run
-leaves nothing that a re-run could mistake for a result.
+leaves nothing that a re-run could mistake for a result. :func:`ensure_writable_dir` checks an output
+folder before a command starts any work, and :func:`os_error_message` is the one-line message the
+``sgcl`` dispatcher prints for a filesystem error (read-only, disk full, permission).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Iterator
 
 TMP_SUFFIX = ".tmp"
+# errors that hit every later write to the same filesystem: a cohort stops at the first one
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+FREE_SPACE_MARGIN = 1 << 20  # bytes left free beyond what a block needs (file metadata, other writers)
 
 
 @contextlib.contextmanager
@@ -33,8 +40,8 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             raise FileNotFoundError(f"atomic write of {dest}: nothing was written to {tmp}")
         os.replace(tmp, dest)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):  # never hide the error that stopped the write
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(dest: str | Path, text: str) -> None:
@@ -44,6 +51,68 @@ def atomic_write_text(dest: str | Path, text: str) -> None:
 
 def atomic_write_json(dest: str | Path, obj: object) -> None:
     atomic_write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class UnwritableDirError(OSError):
+    """An output folder that cannot be created or written (``filename`` is the folder)."""
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` (with its parents) and prove that a file can be written in it.
+
+    Raises :class:`UnwritableDirError` (an ``OSError`` with the system's errno and ``filename`` = the
+    folder: read-only filesystem, no permission, disk full, a file in the way) so that a command
+    stops before any work instead of failing at its first output, or once per slide.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file, not a folder, has that name
+        raise UnwritableDirError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+    except OSError as exc:
+        raise UnwritableDirError(exc.errno, exc.strerror, exc.filename or str(path)) from None
+    probe = path / f".sgcl-write-test.{os.getpid()}{TMP_SUFFIX}"  # removable by remove_stale_temporaries
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0")  # a full disk refuses the first block
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise UnwritableDirError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return path
+
+
+def ensure_free_space(folder: str | Path, nbytes: int) -> None:
+    """Raise ``OSError(ENOSPC)`` naming ``folder`` when its filesystem has less than ``nbytes`` (plus
+    ``FREE_SPACE_MARGIN``) free. Writers of HDF5 files call it before each block: HDF5 does not recover
+    from a disk that fills up in the middle of a file (its objects can crash the process when freed)."""
+    free = shutil.disk_usage(folder).free
+    need = int(nbytes) + FREE_SPACE_MARGIN
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free",
+                      str(folder))
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a filesystem error: the path, the system's reason and errno, and the fix."""
+    if exc.errno:
+        text = str(exc.strerror or "")
+        words = text if text and "\n" not in text and len(text) < 120 else os.strerror(exc.errno)  # HDF5's span lines
+        reason = f"{words} (errno {exc.errno})"
+    else:
+        reason = str(exc).splitlines()[0]
+    path = exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {path or 'the output'}: {reason}; free space there or choose another --out"
+    if isinstance(exc, UnwritableDirError) or exc.errno == errno.EROFS:
+        return f"cannot write {path or 'the output'}: {reason}; choose another --out or fix its permissions"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot access {path}: {reason}; fix its permissions" if path else f"{reason}; check the permissions"
+    return f"{path}: {reason}" if path else reason
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:

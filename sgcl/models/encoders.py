@@ -403,8 +403,9 @@ def load_named_encoder(name: str, weights: str | Path | None = None) -> tuple[nn
     """``(model, info)`` of registry encoder ``name`` with its weights; ``info`` as
     :func:`sgcl.models.backbone.load_backbone` plus ``encoder``, ``architecture``, ``pooling``."""
     entry = get_entry(name)
+    path = find_weights(entry, weights)  # a missing file fails before the (large) model is built
     model = build_model(entry)
-    loaded = load_weights(model, entry, weights)
+    loaded = load_weights(model, entry, path)
     return model, {"model_name": entry.name, **entry_info(entry), "num_features": entry.dim, **loaded}
 
 

@@ -380,7 +380,7 @@ def test_pretrain_starts_from_the_encoders_weights_and_exports_it(tmp_path, monk
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(enc.model(x), original(x))
-    with pytest.raises(EncoderWeightsError, match="model.init_weights: no such file or folder: .*missing.bin"):
+    with pytest.raises(EncoderWeightsError, match=r"conch_v1: no such file or folder: .*missing\.bin \(expected conch_v1 weights"):
         bad = load_config(PretrainConfig, None, [f"data.h5_dir={tmp_path / 'tiles'}", "model.backbone=conch_v1",
                                                  f"model.init_weights={tmp_path / 'missing.bin'}",
                                                  f"train.out_dir={tmp_path / 'bad'}", "train.device=cpu"])

@@ -211,3 +211,16 @@ def test_ensure_writable_dir_creates_checks_and_leaves_nothing(tmp_path, monkeyp
     with pytest.raises(UnwritableDirError) as exc:
         ensure_writable_dir(tmp_path / "a" / "b")  # exists, but nothing can be created in it
     assert exc.value.errno == errno.EROFS and exc.value.filename == str(tmp_path / "a" / "b")
+
+
+def test_ensure_free_space_refuses_a_block_that_does_not_fit(tmp_path, monkeypatch):
+    from sgcl.utils.atomic import FREE_SPACE_MARGIN, ensure_free_space
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=FREE_SPACE_MARGIN + 1000))
+    ensure_free_space(tmp_path, 1000)
+    with pytest.raises(OSError, match=r"No space left on device: 1\.0 MB needed, 1\.0 MB free") as exc:
+        ensure_free_space(tmp_path, 1001)
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(total=0, used=0, free=0))
+    ensure_free_space(tmp_path, 10**9)  # a filesystem without statistics: not judged

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sgcl import __version__
-from sgcl.utils.atomic import atomic_path, atomic_write_json
+from sgcl.utils.atomic import atomic_path, atomic_write_json, ensure_free_space
 
 WEIGHTS_NAME = "backbone.safetensors"
 META_NAME = "backbone.json"
@@ -127,6 +127,8 @@ def export_backbone(model: nn.Module, model_name: str, out_dir: str | Path, conf
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dest = out_dir / WEIGHTS_NAME
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(dest.parent, sum(v.numel() * v.element_size() for v in state.values()))
     with atomic_path(dest) as tmp:
         save_file(state, str(tmp), metadata={"model_name": model_name, "format": "pt"})
     meta = {

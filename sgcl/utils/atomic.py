@@ -29,7 +29,9 @@ FREE_SPACE_MARGIN = 1 << 20  # bytes left free beyond what a block needs (file m
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` when the block succeeds.
 
-    On an exception the temporary file is removed and ``dest`` is left untouched.
+    On an exception the temporary file is removed and ``dest`` is left untouched. A writer that fails
+    on a full disk without saying so (torch.save, safetensors and HDF5 raise ``RuntimeError`` and the
+    like) is reported as ``OSError(ENOSPC)`` naming ``dest``.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +41,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         if not tmp.exists():
             raise FileNotFoundError(f"atomic write of {dest}: nothing was written to {tmp}")
         os.replace(tmp, dest)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _disk_full(dest.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from exc
+        raise
     finally:
         with contextlib.suppress(OSError):  # never hide the error that stopped the write
             tmp.unlink(missing_ok=True)
@@ -90,11 +96,20 @@ def ensure_free_space(folder: str | Path, nbytes: int) -> None:
     """Raise ``OSError(ENOSPC)`` naming ``folder`` when its filesystem has less than ``nbytes`` (plus
     ``FREE_SPACE_MARGIN``) free. Writers of HDF5 files call it before each block: HDF5 does not recover
     from a disk that fills up in the middle of a file (its objects can crash the process when freed)."""
-    free = shutil.disk_usage(folder).free
+    usage = shutil.disk_usage(folder)
     need = int(nbytes) + FREE_SPACE_MARGIN
-    if free < need:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free",
-                      str(folder))
+    if usage.total > 0 and usage.free < need:  # total 0: a filesystem that keeps no statistics (some FUSE mounts)
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {need / 1e6:.1f} MB needed, "
+                                    f"{usage.free / 1e6:.1f} MB free", str(folder))
+
+
+def _disk_full(folder: Path) -> bool:
+    """The filesystem of ``folder`` has less than ``FREE_SPACE_MARGIN`` left (unknown: False)."""
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return False
+    return usage.total > 0 and usage.free < FREE_SPACE_MARGIN
 
 
 def os_error_message(exc: OSError) -> str:

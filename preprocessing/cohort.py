@@ -352,10 +352,6 @@ def finalize(out_dir: Path, layout: Layout | None = None) -> pd.DataFrame:
 
 
 # -- the cohort run -------------------------------------------------------------------------
-def _blank(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
-
-
 def _is_busy(row: dict) -> bool:
     return str(row.get("warning") or "").startswith(BUSY_PREFIX)
 
@@ -386,7 +382,7 @@ class CohortSummary:
     def flat_patches(self) -> int:
         """Flat (one-colour) patches among those written by this run."""
         return int(sum(round(float(r["flat_fraction"]) * (r.get("n_patches") or 0)) for r in self.rows
-                       if r["status"] == "done" and not _blank(r.get("flat_fraction"))))
+                       if r["status"] == "done" and not pd.isna(r.get("flat_fraction"))))
 
     def flat_warnings(self) -> list[tuple[str, str]]:
         """``(slide_id, warning)`` of the slides whose kept patches are mostly flat."""

@@ -32,6 +32,7 @@ import torch
 from sgcl import __version__
 from sgcl.cli import examples_epilog
 from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config, to_dict
+from sgcl.utils.atomic import ensure_writable_dir
 
 PROTOCOLS = ("knn", "linear", "fewshot", "seg", "mil")
 OVERRIDE_EXAMPLES = {"knn": "knn.temperature=0.1", "linear": "linear.max_iter=1000", "fewshot": "fewshot.l2=0.1"}
@@ -195,8 +196,7 @@ def run_protocol(protocol: str, cfg: EvalConfig) -> dict:
     from evaluation import reports
 
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(cfg.out_dir)  # before features are computed
     fs = load_feature_set(cfg)
     c = fs.num_classes
     counts = {s: int(sum(1 for x in fs.splits if x == s)) for s in ("train", "val", "test")}

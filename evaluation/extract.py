@@ -54,7 +54,8 @@ import torch
 from sgcl import __version__
 from sgcl.cli import examples_epilog
 from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config
-from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
+from sgcl.utils.atomic import (STORAGE_ERRNOS, FileLock, LockBusy, atomic_path, ensure_free_space, ensure_writable_dir,
+                               remove_stale_temporaries)
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 MANIFEST_FIELDS = ["slide_id", "status", "n_patches", "feature_dim", "encoder", "weights_sha256", "read_mode",
@@ -137,6 +138,8 @@ def write_features_h5(dest: Path, features: np.ndarray, coords: np.ndarray, grid
     """Write a slide's features h5 atomically, chunked by ~1 MiB row blocks (not CLAM's 1-row chunks)."""
     n, d = features.shape
     rows = max(1, min(max(n, 1), (1 << 20) // max(1, d * features.dtype.itemsize)))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(dest.parent, features.nbytes + coords.nbytes + grid.nbytes)  # before HDF5 hits a full disk
     with atomic_path(dest) as tmp:
         with h5py.File(tmp, "w") as f:
             feats = f.create_dataset("features", data=features, chunks=(rows, d) if n else None)
@@ -258,7 +261,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     from sgcl.models.encoders import trident_folder_name
 
     rank, world, local_rank = dist_env()
-    out_dir = Path(cfg.out_dir)
+    out_dir = ensure_writable_dir(cfg.out_dir)  # a read-only or full output folder: one error now, not one per slide
     inputs = discover_inputs(cfg.inputs)
     counts = []
     for p in inputs:
@@ -274,7 +277,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     encoder.model.to(device)
     layout = FeatureLayout(cfg.layout, out_dir, trident_folder_name(encoder.name))
     for folder in layout.folders():
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(folder)
         remove_stale_temporaries(folder)
     rows = []
     for path in tqdm(mine, desc=f"slides (rank {rank}/{world})", unit="slide", disable=not cfg.progress):
@@ -287,7 +290,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
             continue
         try:
             row = extract_slide(path, encoder, cfg, out_dir, device)
-        except Exception as exc:  # one bad slide never stops the cohort
+        except Exception as exc:  # one bad slide never stops the cohort, a full or read-only output filesystem does
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:  # every later slide would fail the same way
+                _write_partial_manifest(out_dir / f"manifest.rank{rank}.csv", rows)
+                raise OSError(exc.errno, exc.strerror, exc.filename or str(out_dir)) from exc
             msg = f"{type(exc).__name__}: {exc}"
             print(f"sgcl extract: {path}: FAILED: {msg}", file=sys.stderr)
             if os.environ.get("SGCL_DEBUG"):
@@ -304,6 +310,14 @@ def run_extract(cfg: ExtractConfig) -> dict:
     if rank == 0:
         failed = sum(1 for r in merge_manifests(out_dir, world) if r.get("status") == "failed")
     return {"rows": rows, "failed": failed, "rank": rank, "world_size": world}
+
+
+def _write_partial_manifest(path: Path, rows: list[dict]) -> None:
+    """Record the slides finished before the output filesystem failed, if it still lets us."""
+    try:
+        write_manifest(path, {r["slide_id"]: r for r in rows})
+    except OSError:
+        pass
 
 
 def _barrier(device: torch.device) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from evaluation.heatmap import HeatmapError
 from sgcl import __version__
 from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config, to_dict
-from sgcl.utils.atomic import atomic_path, atomic_write_text
+from sgcl.utils.atomic import STORAGE_ERRNOS, atomic_path, atomic_write_text, ensure_writable_dir
 
 MAX_PICTURE_PIXELS = 1 << 28  # 268 M px (~800 MB RGB): a finer --mpp / --level is refused
 
@@ -237,6 +237,7 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
     colormap_lut(cfg.cmap)  # an unknown colour map fails before any work
     if cfg.model is not None:
         mil_patch_scores(Path(cfg.model))  # so does a missing model folder
+    out_dir = ensure_writable_dir(cfg.out_dir)  # and a read-only or full output folder
     slides = slide_index(cfg.slides)
     files = feature_files(cfg.features)
 
@@ -251,7 +252,6 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
     for path in files:
         fs = read_feature_slide(path, lambda sid: downsamples_of(sid) if sid in slides else None)
         jobs.append((fs, find_slide(fs, slides)))
-    out_dir = Path(cfg.out_dir)
     rows = []
     for fs, slide_path in tqdm(jobs, desc="heatmaps", unit="slide", disable=not cfg.progress):
         source = f"model:{cfg.model}" if cfg.model is not None else f"scores:{cfg.scores}"
@@ -266,6 +266,8 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
             row = {"status": "done", **heatmap_slide(slide_path, fs.slide_id, fs.coords, fs.size0, scores, cfg,
                                                      out_dir, fs.patch_file, meta), "error": ""}
         except Exception as exc:  # noqa: BLE001 - reported per slide, in the manifest and on stderr
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:  # full / read-only output: so is every slide
+                raise OSError(exc.errno, exc.strerror, exc.filename or str(out_dir)) from exc
             error = str(exc) if isinstance(exc, HeatmapError) else f"{type(exc).__name__}: {exc}"
             print(f"sgcl heatmap: {fs.slide_id}: FAILED: {error}", file=sys.stderr)
             row = {"status": "failed", "slide_id": fs.slide_id, "error": error}

@@ -13,6 +13,11 @@
 
 Each shard run writes ``<out>/manifest.shard-<i>-of-<n>.csv`` as it goes and, at the end, merges every
 shard file present into ``<out>/manifest.csv`` (latest row per slide wins) and renders ``index.html``.
+
+The output folders are checked for writing before any slide starts (:func:`sgcl.utils.atomic.ensure_writable_dir`).
+A slide that fails because the output filesystem is full or read-only (``STORAGE_ERRNOS``) stops the run:
+no further slide is started, the slides finished so far are recorded, and the ``OSError`` is raised
+(``sgcl tile`` prints it as one line naming the path, exit code 2) instead of N identical slide failures.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
-from sgcl.utils.atomic import FileLock, LockBusy, atomic_path, remove_stale_temporaries
+from sgcl.utils.atomic import (STORAGE_ERRNOS, FileLock, LockBusy, atomic_path, ensure_writable_dir,
+                               os_error_message, remove_stale_temporaries)
 
 from .config import TileConfig
 from .layouts import Layout
@@ -43,9 +49,10 @@ from .slide_lists import CohortError, SlideJob, discover, job_config, slide_id_o
 
 MANIFEST_COLUMNS = [
     "slide_id", "path", "status", "n_patches", "mpp", "mpp_source", "achieved_mpp", "tissue_area_mm2",
-    "seconds", "warning", "error", "qc_png", "params_hash", "shard", "finished_utc",
+    "flat_fraction", "seconds", "warning", "error", "qc_png", "params_hash", "shard", "finished_utc",
 ]
 BUSY_PREFIX = "busy:"
+STORAGE_ERROR = "_storage_error"  # row key (not a manifest column): (errno, reason, path) of a full/read-only output filesystem
 MANIFEST_FLUSH_SECONDS = 10.0
 
 
@@ -84,7 +91,7 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
     """Manifest values of a finished patch file made with the current parameters, else ``None``."""
     import h5py
 
-    from .slide_tiler import slide_params_hash
+    from .slide_tiler import FLAT_WARNING_PREFIX, flat_warning, slide_params_hash
 
     try:
         with h5py.File(h5, "r") as f:
@@ -104,9 +111,14 @@ def _existing_result(job: SlideJob, cfg: TileConfig, h5: Path) -> dict | None:
         warnings = json.loads(attrs.get("warnings", "[]"))
     except ValueError:
         warnings = []
+    n_patches, n_flat = int(attrs.get("n_patches", 0)), int(attrs.get("n_flat", -1))
+    if n_flat >= 0:  # the flat-patch warning again, with this run's output.flat_warn_fraction
+        warnings = [w for w in warnings if not str(w).startswith(FLAT_WARNING_PREFIX)]
+        warnings += [w for w in [flat_warning(n_flat, n_patches, cfg.output.flat_warn_fraction)] if w]
     return dict(
-        n_patches=int(attrs.get("n_patches", 0)), mpp=float(attrs.get("mpp", "nan")), mpp_source=attrs.get("mpp_source"),
+        n_patches=n_patches, mpp=float(attrs.get("mpp", "nan")), mpp_source=attrs.get("mpp_source"),
         achieved_mpp=float(attrs.get("achieved_mpp", "nan")), tissue_area_mm2=float(attrs.get("tissue_area_mm2", "nan")),
+        flat_fraction=n_flat / n_patches if n_flat >= 0 and n_patches else None,
         params_hash=expected, warning="; ".join(["already done with the same parameters", *warnings]),
     )
 
@@ -140,12 +152,19 @@ def process_slide(job: SlideJob, cfg: TileConfig, out_dir: Path) -> dict:
     except SlideError as exc:
         return _row(job, "failed", error=str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # an unexpected bug or library error: still only this slide fails
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            # the output filesystem is full or read-only: every later slide would fail the same way
+            where = exc.filename or str(h5)  # h5py's errors carry the errno but no filename
+            error = os_error_message(OSError(exc.errno, exc.strerror, where))
+            return {**_row(job, "failed", error=error, seconds=time.perf_counter() - t0),
+                    STORAGE_ERROR: (exc.errno, exc.strerror, where)}
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return _row(job, "failed", seconds=time.perf_counter() - t0,
                     error=f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})")
     return _row(
         job, "done", n_patches=result.n_patches, mpp=result.mpp, mpp_source=result.mpp_source,
-        achieved_mpp=result.achieved_mpp, tissue_area_mm2=result.tissue_area_mm2, seconds=result.seconds,
+        achieved_mpp=result.achieved_mpp, tissue_area_mm2=result.tissue_area_mm2,
+        flat_fraction=result.flat_fraction, seconds=result.seconds,
         warning="; ".join(result.warnings) or None, qc_png=qc_rel if result.qc_png else None,
         params_hash=result.params_hash,
     )
@@ -341,6 +360,7 @@ def _is_busy(row: dict) -> bool:
 class CohortSummary:
     rows: list[dict]
     seconds: float
+    pixels: bool = True  # the run read patch pixels (False: --no-pixels, no flat-patch check)
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows)
@@ -358,14 +378,37 @@ class CohortSummary:
     def patches(self) -> int:
         return int(sum((r.get("n_patches") or 0) for r in self.rows if r["status"] == "done"))
 
+    @property
+    def flat_patches(self) -> int:
+        """Flat (one-colour) patches among those written by this run."""
+        return int(sum(round(float(r["flat_fraction"]) * (r.get("n_patches") or 0)) for r in self.rows
+                       if r["status"] == "done" and not pd.isna(r.get("flat_fraction"))))
+
+    def flat_warnings(self) -> list[tuple[str, str]]:
+        """``(slide_id, warning)`` of the slides whose kept patches are mostly flat."""
+        from .slide_tiler import FLAT_WARNING_PREFIX
+
+        found = []
+        for r in self.rows:
+            for w in str(r.get("warning") or "").split("; "):
+                if w.startswith(FLAT_WARNING_PREFIX):
+                    found.append((r["slide_id"], w[len(FLAT_WARNING_PREFIX):].strip()))
+        return found
+
     def text(self) -> str:
         done, skipped, failed = self.count("done"), self.count("skipped"), self.count("failed")
         rate = self.patches / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"{len(self.rows)} slides in {self.seconds:.1f} s: {done} done, {skipped} skipped "
             f"({self.busy} busy in another process), {failed} failed, {self.zero_patch} with zero patches",
-            f"{self.patches} patches written ({rate:.0f} patches/s)",
+            f"{self.patches} patches written ({rate:.0f} patches/s), "
+            + (f"{self.flat_patches} of them flat (one colour)" if self.pixels
+               else "flat-patch check skipped: coordinates only (--no-pixels), no pixel was read"),
         ]
+        flat = self.flat_warnings()
+        if flat:
+            lines.append(f"{len(flat)} slide{'s' if len(flat) != 1 else ''} with mostly flat patches:")
+            lines += [f"  FLAT {slide_id}: {text}" for slide_id, text in flat]
         for r in self.rows:
             if r["status"] == "failed":
                 lines.append(f"  FAILED {r['slide_id']}: {r['error']}")
@@ -394,6 +437,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
     index, count = parse_shard(cfg.shard)
     if cfg.workers < 0:
         raise CohortError(f"workers must be >= 0, got {cfg.workers}")
+    ensure_writable_dir(out_dir)  # a read-only or full output folder: one error now, not one per slide
     all_jobs = list(jobs) if jobs is not None else discover(cfg.inputs, cfg.recursive, cfg.slide_dir,
                                                             cfg.slide_ext, log)
     mine = select_shard(all_jobs, index, count)
@@ -402,7 +446,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
     for slide_cfg in cfgs.values():
         folders.update(Layout.for_config(slide_cfg, root=out_dir).folders())
     for folder in sorted(folders):
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(folder)
         remove_stale_temporaries(folder)
     log(f"sgcl tile: {len(mine)} of {len(all_jobs)} slides in shard {index}/{count} -> {out_dir} "
         f"({cfg.workers} worker{'s' if cfg.workers != 1 else ''})")
@@ -410,6 +454,7 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
     shard_csv = shard_manifest_path(out_dir, index, count)
     rows: dict[str, dict] = {}
     locks: dict[str, FileLock] = {}
+    storage_error: list[tuple[int, str, str]] = []  # set by the first slide that hit a full / read-only output filesystem
     last_flush = [time.monotonic()]
     bar = None
     if progress:
@@ -418,6 +463,9 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
         bar = tqdm(total=len(mine), desc="slides", unit="slide", dynamic_ncols=True)
 
     def record(job: SlideJob, row: dict) -> None:
+        storage = row.pop(STORAGE_ERROR, None)
+        if storage is not None and not storage_error:
+            storage_error.append(storage)
         row["shard"] = f"{index}/{count}"
         rows[job.slide_id] = row
         lock = locks.pop(job.slide_id, None)
@@ -435,6 +483,8 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
         """Slides whose lock this process takes, drawn just before each is started: a second process
         on the same output folder skips only the slides being tiled right now and shares the rest."""
         for job in mine:
+            if storage_error:  # the output filesystem is full or read-only: start no further slide
+                return
             lock = FileLock(out_dir / "locks" / f"{job.slide_id}.lock")
             try:
                 lock.acquire()
@@ -461,6 +511,10 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
             update_manifest(shard_csv, rows.values())
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+    if storage_error:
+        with contextlib.suppress(OSError):  # record the slides done so far, if the filesystem still lets us
+            finalize(out_dir, Layout.for_config(cfg, root=out_dir))
+        raise OSError(*storage_error[0])
     finalize(out_dir, Layout.for_config(cfg, root=out_dir))
     ordered = [rows[j.slide_id] for j in mine if j.slide_id in rows]
-    return CohortSummary(ordered, time.perf_counter() - t0)
+    return CohortSummary(ordered, time.perf_counter() - t0, pixels=cfg.output.store_pixels)

@@ -52,6 +52,7 @@ class OutputConfig:
     qc: bool = True                  # per-slide QC picture and the cohort index.html
     geojson: bool = True             # per-slide tissue outlines (level-0 px, QuPath annotations); TRIDENT layout: contours_geojson/
     layout: Literal["default", "trident", "clam"] = "default"  # output folders and names: ours, TRIDENT's job folder or CLAM's save_dir (docs/tiling.md)
+    flat_warn_fraction: float = bounded(0.5, ge=0, le=1)  # warn per slide when at least this fraction of its kept patches is flat (≥ 90 % of pixels one colour); 1 = warn only when all are
 
 
 @dataclass

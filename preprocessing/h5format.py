@@ -23,6 +23,8 @@ import cv2
 import h5py
 import numpy as np
 
+from sgcl.utils.atomic import ensure_free_space
+
 FORMAT_NAME = "sgcl-patches"
 FORMAT_VERSION = 1
 Codec = Literal["raw", "lzf", "gzip", "jpeg"]
@@ -97,6 +99,7 @@ class PatchWriter:
             raise ValueError("pass imgs exactly when the file stores pixels (codec is not None)")
         if not (len(grid) == len(tissue_fraction) == k and (imgs is None or len(imgs) == k)):
             raise ValueError("imgs, coords, grid and tissue_fraction must have the same length")
+        ensure_free_space(self.path.parent, (0 if imgs is None else imgs.nbytes) + 24 * k)  # before HDF5 hits a full disk
         start, stop = self.n, self.n + k
         for ds in (self.imgs, self.coords, self.grid, self.tissue):
             if ds is not None:

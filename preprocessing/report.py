@@ -2,7 +2,8 @@
 
 One row per slide — QC thumbnail (the manifest's ``qc_png``: a link relative to the output folder, to
 ``qc/<slide_id>.png`` or wherever the output layout puts the QC picture), patch count, tissue area,
-µm/px and its source, status, error and warnings — under the cohort totals. Self-contained: inline
+share of flat (one-colour) patches, µm/px and its source, status, error and warnings — under the cohort
+totals, which count the slides whose patches are mostly flat. Self-contained: inline
 CSS, no scripts, no web fonts, so it opens from a cluster share or a copied folder.
 """
 
@@ -31,6 +32,7 @@ img{max-width:260px;max-height:200px;border:1px solid #ddd}
 .done{color:#166534;font-weight:600}.failed{color:#b91c1c;font-weight:600}.skipped{color:#92400e;font-weight:600}
 .err{color:#b91c1c;max-width:36em;word-break:break-word}.warn{color:#92400e;max-width:30em;word-break:break-word}
 .path{color:#6b7280;font-size:.85em;word-break:break-all}
+td.flat{color:#b91c1c;font-weight:600}
 """
 
 
@@ -42,6 +44,10 @@ def _num(value, fmt: str) -> str:
     return "" if _blank(value) else format(float(value), fmt)
 
 
+def _percent(value) -> str:
+    return "" if _blank(value) or math.isnan(float(value)) else f"{float(value):.0%}"
+
+
 def _text(value) -> str:
     return "" if _blank(value) else html.escape(str(value))
 
@@ -49,6 +55,7 @@ def _text(value) -> str:
 def render_report(table: pd.DataFrame, out_dir: Path, title: str = "sgcl tile — cohort QC") -> str:
     """The HTML page for a merged manifest ``table`` whose relative links resolve from ``out_dir``."""
     from .cohort import MANIFEST_COLUMNS
+    from .slide_tiler import FLAT_WARNING_PREFIX
 
     table = table.reindex(columns=list(dict.fromkeys([*MANIFEST_COLUMNS, *table.columns])))
     rows = table.to_dict("records")
@@ -57,14 +64,15 @@ def render_report(table: pd.DataFrame, out_dir: Path, title: str = "sgcl tile �
     ok = table["status"].isin(["done", "skipped"]) if len(table) else pd.Series([], dtype=bool)
     zero = int(((n_patches == 0) & ok & ~table["warning"].astype("string").fillna("").str.startswith("busy:")).sum()) if len(table) else 0
     area = pd.to_numeric(table.get("tissue_area_mm2"), errors="coerce").fillna(0)[ok].sum() if len(table) else 0.0
+    mostly_flat = table["warning"].astype("string").fillna("").str.contains(FLAT_WARNING_PREFIX, regex=False)
     totals = [
         ("slides", len(table)), ("done", status.get("done", 0)), ("skipped", status.get("skipped", 0)),
         ("failed", status.get("failed", 0)), ("zero patches", zero), ("patches", int(n_patches[ok].sum()) if len(table) else 0),
-        ("tissue mm²", f"{area:.1f}"),
+        ("tissue mm²", f"{area:.1f}"), ("mostly flat", int(mostly_flat.sum())),
     ]
     head = "".join(f"<div>{html.escape(k)}<b>{v}</b></div>" for k, v in totals)
     body = []
-    for r in rows:
+    for r, flat in zip(rows, mostly_flat):
         qc = r.get("qc_png")
         thumb = ""
         if not _blank(qc) and (out_dir / str(qc)).exists():
@@ -81,6 +89,7 @@ def render_report(table: pd.DataFrame, out_dir: Path, title: str = "sgcl tile �
             f'<td class="{st}">{st}</td>'
             f'<td class="num">{_num(r.get("n_patches"), ".0f")}</td>'
             f'<td class="num">{_num(r.get("tissue_area_mm2"), ".2f")}</td>'
+            f'<td class="num{" flat" if flat else ""}">{_percent(r.get("flat_fraction"))}</td>'
             f'<td class="num">{mpp}<div class="path">{src}</div></td>'
             f'<td class="num">{achieved}</td>'
             f'<td class="num">{_num(r.get("seconds"), ".1f")}</td>'
@@ -96,6 +105,7 @@ def render_report(table: pd.DataFrame, out_dir: Path, title: str = "sgcl tile �
         "manifest: <a href=\"manifest.csv\">manifest.csv</a></div>\n"
         f"<div class=\"totals\">{head}</div>\n"
         "<table><thead><tr><th>QC</th><th>slide</th><th>status</th><th>patches</th><th>tissue mm²</th>"
+        "<th title=\"kept patches that are one flat colour; empty: not checked (coordinates only)\">flat</th>"
         "<th>slide µm/px (source)</th><th>achieved µm/px</th><th>seconds</th><th>error</th><th>warnings</th>"
         "</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n</body></html>\n"
     )

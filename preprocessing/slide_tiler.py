@@ -7,6 +7,13 @@ Peak memory is one band + one write batch, independent of slide size. With
 ``output.store_pixels=false`` no patch pixel is read: the file holds the kept cells' coordinates,
 grid and tissue fraction (from the low-resolution mask) only. The output is written under a
 temporary name and renamed when complete (``sgcl.utils.atomic.atomic_path``).
+
+Flat-patch check: a kept patch is *flat* when at least ``FLAT_PIXEL_FRACTION`` of its pixels lie
+within ``FLAT_TOLERANCE`` levels of its dominant colour (:func:`preprocessing.tissue.dominant_colour_fraction`,
+computed on the patches already in memory, in the writer thread). When at least
+``output.flat_warn_fraction`` of a slide's kept patches are flat the slide gets a warning (wrong
+colours, blank scan areas or tissue detection fooled by the background); with ``output.store_pixels=false``
+no pixel is read and the check is skipped (file attr ``flat_check``).
 """
 
 from __future__ import annotations
@@ -30,12 +37,16 @@ from .grid import PatchGeometry, edge_background, make_grid, plan_geometry, resi
 from .h5format import FORMAT_VERSION, PatchWriter
 from .mpp import MppError, magnification, resolve_mpp
 from .readers import SlideOpenError, SlideReader, SlideReadError, open_slide
-from .tissue import TissueMask, background_fraction, detect_tissue
+from .tissue import TissueMask, background_fraction, detect_tissue, dominant_colour_fraction
 
 TILER_VERSION = 1             # bump when a code change alters the output for the same parameters
 MAX_BAND_PIXELS = 1 << 21     # pixels per region read (≈ 8 MB RGBA): bounds peak memory
 WRITE_BATCH = 128             # patches per append to the HDF5 file (2 batches in flight)
 QC_THUMBNAIL = 1024           # longer side of the QC picture, px
+FLAT_TOLERANCE = 12           # levels (0-255, every channel) from a patch's dominant colour that count as that colour
+FLAT_PIXEL_FRACTION = 0.9     # a patch is flat when at least this fraction of its pixels is its dominant colour
+FLAT_WARNING_PREFIX = "mostly flat patches:"
+FLAT_CHECK_SKIPPED = "skipped: coordinates only, no pixels read"
 
 
 class SlideError(RuntimeError):
@@ -59,6 +70,7 @@ class SlideResult:
     warnings: list[str] = field(default_factory=list)
     params_hash: str = ""
     geojson: str | None = None
+    flat_fraction: float | None = None  # fraction of kept patches that are flat; None: not checked (no pixels or no patches)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +114,15 @@ def slide_params_hash(path, cfg: TileConfig, mpp_override: float | None = None, 
         return params_hash(cfg, reader.name, mpp.value, file_sha256(roi_file) if roi_file else None)
     finally:
         reader.close()
+
+
+def flat_warning(n_flat: int, n_patches: int, warn_fraction: float) -> str | None:
+    """The slide's warning when at least ``warn_fraction`` of its ``n_patches`` kept patches are flat, else ``None``."""
+    if n_patches <= 0 or n_flat / n_patches < warn_fraction:
+        return None
+    return (f"{FLAT_WARNING_PREFIX} {n_flat} of {n_patches} kept patches ({n_flat / n_patches:.0%}) are one flat colour "
+            f"(≥ {FLAT_PIXEL_FRACTION:.0%} of their pixels within {FLAT_TOLERANCE} levels of it): wrong colours, blank "
+            "areas or background taken for tissue? See the QC picture, flat patches outlined red")
 
 
 def _slide_mpp(path: Path, reader: SlideReader, cfg: TileConfig, mpp_override: float | None):
@@ -240,7 +261,7 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
 
         # -- patches --------------------------------------------------------------------
         t1 = time.perf_counter()
-        stats = {"n_candidates": int(keep.sum()), "n_background": 0, "n_reads": 0}
+        stats = {"n_candidates": int(keep.sum()), "n_background": 0, "n_reads": 0, "flat": []}
         with atomic_path(out_h5) as tmp:
             writer = PatchWriter(tmp, pc.patch_size, codec=cfg.output.codec if cfg.output.store_pixels else None,
                                  quality=cfg.output.jpeg_quality, gzip_level=cfg.output.gzip_level)
@@ -256,9 +277,13 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
                                     f"({geom.patch_size_level0:.1f} level-0 px at {pc.target_mpp:g} um/px)")
                 elif writer.n == 0:
                     warnings.append("no patches: no grid cell passed the tissue and background filters")
+                flat = np.concatenate(stats["flat"]) if stats["flat"] else np.zeros(0, bool)
+                if cfg.output.store_pixels:
+                    warning = flat_warning(int(flat.sum()), writer.n, cfg.output.flat_warn_fraction)
+                    warnings.extend([warning] if warning else [])
                 attrs = _file_attrs(path, slide_id, reader, mpp, geom, cfg, tissue, stats, warnings,
                                     {"tissue": seconds_tissue, "patches": seconds_patches,
-                                     "total": time.perf_counter() - t_start}, writer.n)
+                                     "total": time.perf_counter() - t_start}, writer.n, flat)
                 attrs.update(params_hash=phash, roi_path=str(roi.source.resolve()) if roi else "",
                              roi_sha256=roi.sha256 if roi else "", roi_exclude_class=cfg.roi_exclude_class if roi else "")
                 writer.set_attrs(attrs, _clam_trident_attrs(slide_id, reader, mpp.value, geom, out_h5))
@@ -272,9 +297,11 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
             if qc_png is not None:
                 caption = (f"{slide_id}: {len(coords)} patches {pc.patch_size}px at {geom.achieved_mpp:.4g} um/px | "
                            f"slide {mpp.value:.4g} um/px ({mpp.source}) | tissue {tissue.area_mm2:.2f} mm2"
-                           + (f" in ROI {roi.source.name}" if roi else ""))
+                           + (f" in ROI {roi.source.name}" if roi else "")
+                           + (f" | FLAT: {int(flat.sum())} of {len(coords)} patches one colour (red)"
+                              if any(w.startswith(FLAT_WARNING_PREFIX) for w in warnings) else ""))
                 qc_path = str(write_qc_png(qc_png, thumb, (w0, h0), tissue.mask, coords, geom.patch_size_level0,
-                                           caption, roi=roi))
+                                           caption, roi=roi, flat=flat if len(flat) == len(coords) else None))
             if stitch is not None:
                 write_picture(stitch, render_stitch(thumb, (w0, h0), coords, geom.patch_size_level0))
         geojson = None
@@ -285,6 +312,7 @@ def tile_slide(path, out_h5: Path, cfg: TileConfig, slide_id: str | None = None,
             mpp_source=mpp.source, target_mpp=pc.target_mpp, achieved_mpp=geom.achieved_mpp,
             read_level=geom.read_level, tissue_area_mm2=tissue.area_mm2, seconds=time.perf_counter() - t_start,
             qc_png=qc_path, warnings=warnings, params_hash=phash, geojson=geojson,
+            flat_fraction=float(flat.mean()) if cfg.output.store_pixels and len(flat) else None,
         )
     finally:
         reader.close()
@@ -314,6 +342,8 @@ def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.nda
     def write(imgs: np.ndarray, m: np.ndarray) -> None:
         ok = background_fraction(imgs, tc.white_threshold, tc.black_threshold) <= tc.max_background_fraction
         stats["n_background"] += int(len(imgs) - ok.sum())
+        flat = dominant_colour_fraction(imgs, FLAT_TOLERANCE) >= FLAT_PIXEL_FRACTION
+        stats["flat"].append(flat[ok])
         if ok.all():  # the usual case: no copy of the batch
             writer.append(imgs, m[:, :2].astype(np.int64), m[:, 2:4].astype(np.int32), m[:, 4].astype(np.float32))
         elif ok.any():
@@ -375,7 +405,7 @@ def _stream_patches(reader: SlideReader, geom: PatchGeometry, grid, frac: np.nda
 
 
 def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: PatchGeometry, cfg: TileConfig,
-                tissue, stats: dict, warnings: list[str], seconds: dict, n: int) -> dict:
+                tissue, stats: dict, warnings: list[str], seconds: dict, n: int, flat: np.ndarray) -> dict:
     st = path.stat()
     w0, h0 = reader.dimensions
     return {
@@ -390,7 +420,11 @@ def _file_attrs(path: Path, slide_id: str, reader: SlideReader, mpp, geom: Patch
         "edge": cfg.patch.edge, "store_pixels": bool(cfg.output.store_pixels),
         "codec": cfg.output.codec if cfg.output.store_pixels else "none",
         "jpeg_quality": cfg.output.jpeg_quality if cfg.output.store_pixels and cfg.output.codec == "jpeg" else 0,
-        "background_check": "pixels" if cfg.output.store_pixels else "skipped: coordinates only, no pixels read",
+        "background_check": "pixels" if cfg.output.store_pixels else FLAT_CHECK_SKIPPED,
+        "flat_check": (f"pixels: flat = at least {FLAT_PIXEL_FRACTION:g} of the pixels within {FLAT_TOLERANCE} levels "
+                       "of the patch's dominant colour") if cfg.output.store_pixels else FLAT_CHECK_SKIPPED,
+        "n_flat": int(flat.sum()) if cfg.output.store_pixels else -1,
+        "flat_fraction": float(flat.mean()) if cfg.output.store_pixels and len(flat) else float("nan"),
         "tissue_params": asdict(cfg.tissue), "tissue_threshold": tissue.threshold,
         "tissue_area_mm2": tissue.area_mm2, "tissue_mask_mpp": tissue.mpp,
         "pen_area_mm2": tissue.pen_pixels * tissue.mpp ** 2 / 1e6,

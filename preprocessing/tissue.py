@@ -1,4 +1,4 @@
-"""Tissue detection on a low-resolution image, and the per-patch background check.
+"""Tissue detection on a low-resolution image, and the per-patch background and flat-colour checks.
 
 ``detect_tissue``: HSV saturation → median blur → Otsu (never below the fixed threshold) or a fixed
 threshold → morphological closing → fill holes smaller than ``min_hole_area_mm2`` → remove pen ink
@@ -119,3 +119,17 @@ def background_fraction(patches: np.ndarray, white_threshold: int, black_thresho
     per_patch = bg.reshape(n, patches.shape[1], patches.shape[2])
     counts = np.array([cv2.countNonZero(m) for m in per_patch], np.float64)
     return (counts / (patches.shape[1] * patches.shape[2])).astype(np.float32)
+
+
+def dominant_colour_fraction(patches: np.ndarray, tolerance: int, samples: int = 32) -> np.ndarray:
+    """(N,) fraction of each patch's pixels within ``tolerance`` levels, in every channel, of its
+    dominant colour (the per-channel median), on a ``samples`` × ``samples`` grid of its pixels (cheap:
+    about 1,000 pixels per patch). Near 1 for a flat patch (background, a blank or mis-decoded region)."""
+    n = len(patches)
+    if n == 0:
+        return np.zeros(0, np.float32)
+    step = max(1, patches.shape[1] // samples)
+    grid = patches[:, ::step, ::step].reshape(n, -1, 3).astype(np.int16)
+    dominant = np.rint(np.median(grid, axis=1)).astype(np.int16)
+    near = (np.abs(grid - dominant[:, None, :]) <= tolerance).all(axis=-1)
+    return near.mean(axis=1).astype(np.float32)

@@ -1,12 +1,15 @@
 """The ``sgcl`` console command: one entry point, one module per subcommand.
 
 Each subcommand lives in its own module exposing ``main(argv: list[str] | None) -> int``;
-this file only dispatches, so ``sgcl --help`` stays fast (nothing heavy is imported).
+this file only dispatches, so ``sgcl --help`` stays fast (nothing heavy is imported). A config error or
+a filesystem error (read-only output folder, disk full, no permission) that a subcommand does not handle
+ends here as one line naming the key or path, with exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -70,12 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _ = COMMANDS[name]
     from sgcl.config import ConfigError
+    from sgcl.utils.atomic import os_error_message
 
     module = importlib.import_module(module_name)
     try:
         return int(module.main(rest) or 0)
     except ConfigError as exc:  # a wrong key or value: the message names it, no traceback needed
         print(f"sgcl {name}: config error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only or full output folder, no permission: the message names the path
+        if os.environ.get("SGCL_DEBUG"):
+            raise
+        print(f"sgcl {name}: {os_error_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from sgcl.cli import examples_epilog
 from sgcl.config import add_config_arguments, bounded, config_from_args, print_config, to_dict
 from sgcl.train.logging import read_metric_rows
-from sgcl.utils.atomic import atomic_write_json, atomic_write_text
+from sgcl.utils.atomic import atomic_write_json, atomic_write_text, ensure_writable_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     from sgcl.train.trainer import Trainer
 
     cfg = dataclasses.replace(cfg, slide=_resolve(cfg.slide), pretrain_config=_resolve(cfg.pretrain_config))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(cfg.out_dir)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 

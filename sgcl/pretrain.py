@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     from sgcl.train.checkpoint import CheckpointError
     from sgcl.train.trainer import NonFiniteLossError, Trainer
 
+    from sgcl.utils.atomic import ensure_writable_dir
+
+    ensure_writable_dir(cfg.train.out_dir)  # a read-only or full output folder: one line from `sgcl`, before any work
     ok = False
     trainer = None
     try:

@@ -56,3 +56,23 @@ def test_remove_stale_temporaries(tmp_path):
     stale.write_text("x"); live.write_text("y")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not stale.exists() and live.exists()
+
+
+def test_atomic_path_reports_a_writer_failing_on_a_full_disk_as_enospc(tmp_path, monkeypatch):
+    """torch.save, safetensors and HDF5 raise RuntimeError-like errors on a full disk: named as ENOSPC."""
+    import errno
+    import shutil
+
+    dest = tmp_path / "ckpt.pt"
+    with pytest.raises(RuntimeError, match="boom"):  # a disk with room: the writer's own error
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"x")
+            raise RuntimeError("boom")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=0))
+    with pytest.raises(OSError) as exc:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"x")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(dest)
+    assert list(tmp_path.iterdir()) == []

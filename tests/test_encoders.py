@@ -221,7 +221,7 @@ def test_missing_weights_name_the_file_and_where_they_were_looked_for(tmp_path, 
     empty.mkdir()
     with pytest.raises(EncoderWeightsError, match=r"conch_v1: no weights found; expected pytorch_model.bin .*empty"):
         find_weights(ENCODERS["conch_v1"], empty)
-    with pytest.raises(EncoderWeightsError, match=r"weights path .*nowhere does not exist; pass the file model.safetensors"):
+    with pytest.raises(EncoderWeightsError, match=r"phikon-v2: no such file or folder: .*nowhere \(expected phikon-v2 weights, files: model.safetensors"):
         load_named_encoder("phikon-v2", tmp_path / "nowhere")
 
 
@@ -380,7 +380,7 @@ def test_pretrain_starts_from_the_encoders_weights_and_exports_it(tmp_path, monk
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(enc.model(x), original(x))
-    with pytest.raises(EncoderWeightsError, match="does not exist"):
+    with pytest.raises(EncoderWeightsError, match=r"conch_v1: no such file or folder: .*missing\.bin \(expected conch_v1 weights"):
         bad = load_config(PretrainConfig, None, [f"data.h5_dir={tmp_path / 'tiles'}", "model.backbone=conch_v1",
                                                  f"model.init_weights={tmp_path / 'missing.bin'}",
                                                  f"train.out_dir={tmp_path / 'bad'}", "train.device=cpu"])

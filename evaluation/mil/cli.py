@@ -22,7 +22,7 @@ import torch
 from sgcl import __version__
 from sgcl.cli import examples_epilog
 from sgcl.config import ConfigError, add_config_arguments, bounded, config_from_args, print_config, to_dict
-from sgcl.utils.atomic import atomic_path, atomic_write_json
+from sgcl.utils.atomic import atomic_path, atomic_write_json, ensure_writable_dir
 
 
 @dataclass
@@ -119,8 +119,7 @@ def run_mil(cfg: MilConfig) -> dict:
                          d.prefer)
     folds = patient_folds(cohort.labels, cohort.patients, cfg.cv.folds, cfg.cv.val_fraction, cfg.seed, cohort.splits)
     check_patient_disjoint(folds, cohort.patients)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(cfg.out_dir)
     c = len(cohort.classes)
     device = _device(cfg.train.device)
     kwargs = model_kwargs(cfg.model)

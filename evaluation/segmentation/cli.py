@@ -19,7 +19,7 @@ from typing import Sequence
 
 from sgcl.cli import examples_epilog
 from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config
-from sgcl.utils.atomic import atomic_write_json
+from sgcl.utils.atomic import atomic_write_json, ensure_writable_dir
 
 from .config import SegConfig
 
@@ -118,8 +118,7 @@ def run_predict(argv: Sequence[str]) -> int:
     model, spec = load_checkpoint(args.checkpoint, device)
     fn = probability_fn(model)
     window = args.window or int(spec["patch_size"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(args.out)
     records = []
     failed = 0
     if args.image:

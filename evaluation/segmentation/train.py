@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sgcl.config import to_dict
-from sgcl.utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from sgcl.utils.atomic import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
 
 from .config import SegConfig
 from .data import PatchDataset, SegPair, check_pairs, discover_splits, infer_num_classes, load_pair, select_fraction
@@ -139,8 +139,7 @@ def train_segmentation(cfg: SegConfig, progress: bool = True) -> dict:
         torch.set_num_threads(t.threads)
     if t.epochs < 1 or t.steps_per_epoch < 1 or t.batch_size < 1:
         raise ValueError("train.epochs, train.steps_per_epoch and train.batch_size must be >= 1")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(cfg.out)
     device = resolve_device(cfg.device)
     splits = discover_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, seed=t.seed)
     check_pairs(splits["train"] + splits["val"] + splits["test"])

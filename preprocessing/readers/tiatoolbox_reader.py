@@ -8,7 +8,8 @@ import numpy as np
 
 from .base import Background, SlideOpenError, SlideReader, SlideReadError, rgba_to_rgb
 
-INSTALL_HINT = 'install the optional TIAToolbox reader with `pip install -e ".[tia]"` (see docs/install.md)'
+INSTALL_HINT = ('install the optional TIAToolbox reader in a venv of its own: `.ci/tia_venv.sh`, or `pip install -e ".[tia]"` '
+                '(see docs/install.md)')
 
 
 def tiatoolbox_available() -> bool:

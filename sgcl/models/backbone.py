@@ -8,6 +8,10 @@ Export layout (``<dir>/``):
 A name of the foundation-encoder registry (:mod:`sgcl.models.encoders`, e.g. ``uni``) works wherever a
 timm name does: ``create_backbone("uni")`` builds its architecture, ``load_backbone("uni", weights=...)``
 loads its published checkpoint, and an export of a backbone built that way names it in ``backbone.json``.
+
+A spec that names a file or folder (it has a ``/``, starts with ``~`` or ``.``, or ends in a weights
+suffix) and does not exist is a :class:`BackboneError` "no such file or folder" naming what was expected,
+raised before timm or the Hugging Face hub code sees the name: nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -22,14 +26,41 @@ import torch
 from torch import nn
 
 from sgcl import __version__
-from sgcl.utils.atomic import atomic_path, atomic_write_json
+from sgcl.utils.atomic import atomic_path, atomic_write_json, ensure_free_space
 
 WEIGHTS_NAME = "backbone.safetensors"
 META_NAME = "backbone.json"
+WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+EXPORT_EXPECTED = (f"an export folder of `sgcl pretrain` with files: {WEIGHTS_NAME}, {META_NAME}; or a weights file "
+                   f"({', '.join(WEIGHT_SUFFIXES)}) with model_name=<timm name>")
 
 
 class BackboneError(ValueError):
     """An unknown model name or an unreadable exported backbone."""
+
+
+def no_such_path(path: str | Path, expected: str) -> str:
+    """The message for a missing encoder / weights path: the path, then what should be there."""
+    return f"no such file or folder: {path} (expected {expected})"
+
+
+def looks_like_path(spec: str) -> bool:
+    """True when ``spec`` names a file or folder rather than a model: it holds a folder separator, starts
+    with ``~`` or ``.``, or ends in a weights suffix (timm and registry names do none of these)."""
+    return "/" in spec or "\\" in spec or spec.startswith(("~", ".")) or spec.endswith(WEIGHT_SUFFIXES)
+
+
+def check_local_spec(spec: str | Path) -> None:
+    """Refuse, before timm sees it, a hub name (which would download) and a file/folder path that does not exist."""
+    text = str(spec)
+    if text.startswith(HUB_PREFIXES):
+        raise BackboneError(f"{text}: models are never fetched from the Hugging Face hub here (nothing is downloaded); "
+                            "download it once on a machine with network and pass its local folder or weights file")
+    local = text.removeprefix("local-dir:")  # timm's prefix for a local model folder
+    if (local != text or looks_like_path(text)) and not Path(local).expanduser().exists():
+        raise BackboneError(no_such_path(local, EXPORT_EXPECTED + "; or a registry encoder name "
+                                         "(`sgcl extract --encoder list`) or a timm model name"))
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
@@ -44,6 +75,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     if is_registered(name):
         kwargs.pop("pretrained")
         return build_model(get_entry(name), **kwargs)
+    check_local_spec(name)
     try:
         return timm.create_model(name, num_classes=0, **kwargs)
     except RuntimeError as exc:  # timm raises RuntimeError('Unknown model ...')
@@ -95,6 +127,8 @@ def export_backbone(model: nn.Module, model_name: str, out_dir: str | Path, conf
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dest = out_dir / WEIGHTS_NAME
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(dest.parent, sum(v.numel() * v.element_size() for v in state.values()))
     with atomic_path(dest) as tmp:
         save_file(state, str(tmp), metadata={"model_name": model_name, "format": "pt"})
     meta = {
@@ -117,18 +151,18 @@ def load_backbone(spec: str | Path, model_name: str | None = None, weights: str 
 
     if is_registered(str(spec)):
         return load_named_encoder(str(spec), weights)
+    check_local_spec(spec)
     if weights is not None:
         if Path(spec).exists() or model_name:
             raise BackboneError(f"weights={weights} goes with a registry encoder or a timm model name, not with "
                                 f"{spec}; pass the checkpoint as the encoder and its architecture as model_name")
         return load_backbone(weights, model_name=str(spec))
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         path = path / WEIGHTS_NAME
-    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
+    if path.suffix in WEIGHT_SUFFIXES or path.exists():
         if not path.is_file():
-            raise BackboneError(f"checkpoint {path} does not exist; pass an export folder of `sgcl pretrain`, a registry "
-                                "encoder name (`sgcl extract --encoder list`) or a timm model name")
+            raise BackboneError(no_such_path(path, EXPORT_EXPECTED))
         meta_path = path.with_name(META_NAME)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         name = model_name or meta.get("model_name")

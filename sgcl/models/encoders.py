@@ -33,9 +33,8 @@ import torch
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from sgcl.models.backbone import BackboneError, file_sha256, read_state_dict
+from sgcl.models.backbone import WEIGHT_SUFFIXES, BackboneError, file_sha256, no_such_path, read_state_dict
 
-WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors")
 POOLINGS = ("cls", "cls+mean", "attn_pool", "avg")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -371,8 +370,9 @@ def find_weights(entry: EncoderEntry, weights: str | Path | None = None) -> Path
                                           f"(for {entry.name}: {expected})")
             return path
         if not path.exists():
-            raise EncoderWeightsError(f"{entry.name}: weights path {path} does not exist; pass the file {expected}"
-                                      f"{source} or the folder that holds it")
+            published = f", published at huggingface.co/{entry.hf_repo}" if entry.hf_repo else ""
+            raise EncoderWeightsError(f"{entry.name}: " + no_such_path(path, f"{entry.name} weights, files: {expected}"
+                                                                       f"{published}; pass the file or its folder"))
         roots = [path]
     else:
         roots = default_search_roots()
@@ -403,8 +403,9 @@ def load_named_encoder(name: str, weights: str | Path | None = None) -> tuple[nn
     """``(model, info)`` of registry encoder ``name`` with its weights; ``info`` as
     :func:`sgcl.models.backbone.load_backbone` plus ``encoder``, ``architecture``, ``pooling``."""
     entry = get_entry(name)
+    path = find_weights(entry, weights)  # a missing file fails before the (large) model is built
     model = build_model(entry)
-    loaded = load_weights(model, entry, weights)
+    loaded = load_weights(model, entry, path)
     return model, {"model_name": entry.name, **entry_info(entry), "num_features": entry.dim, **loaded}
 
 
@@ -457,7 +458,7 @@ def init_backbone(model: nn.Module, name: str, weights: str | Path) -> dict:
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise EncoderWeightsError(f"model.init_weights: {path} does not exist; pass a weights file in timm keys or an "
-                                  f"export folder of `sgcl pretrain` holding {WEIGHTS_NAME}")
+        raise EncoderWeightsError("model.init_weights: " + no_such_path(
+            path, f"a weights file in timm keys or an export folder of `sgcl pretrain` with files: {WEIGHTS_NAME}"))
     result = load_state_into(model, timm_layout(read_state_dict(path)), path, name)
     return {"weights": str(path), "sha256": file_sha256(path), **result}

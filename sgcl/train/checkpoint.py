@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgcl.utils.atomic import atomic_path
+from sgcl.utils.atomic import atomic_path, ensure_free_space
 
 LAST_NAME = "last.pt"
 
@@ -52,9 +52,23 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (a crash never leaves a half-written checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(path.parent, _tensor_bytes(state))  # a clear error, not torch's on a full disk
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays in a nested state (what a checkpoint file mostly holds)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

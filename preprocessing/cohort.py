@@ -437,7 +437,6 @@ def run_cohort(cfg: TileConfig, jobs: Sequence[SlideJob] | None = None, progress
     index, count = parse_shard(cfg.shard)
     if cfg.workers < 0:
         raise CohortError(f"workers must be >= 0, got {cfg.workers}")
-    ensure_writable_dir(out_dir)  # a read-only or full output folder: one error now, not one per slide
     all_jobs = list(jobs) if jobs is not None else discover(cfg.inputs, cfg.recursive, cfg.slide_dir,
                                                             cfg.slide_ext, log)
     mine = select_shard(all_jobs, index, count)

@@ -216,11 +216,11 @@ def test_pooled_negatives_are_scored_like_gathered_rows():
 
 
 def test_candidates_auto_is_indexed_from_the_threshold_on(monkeypatch):
-    import sgcl.methods.sgcl as sgcl_mod
+    import sgcl.methods.config as config_mod
 
     assert small_cfg().sgcl.candidates == "auto"
     for threshold, expected in ((72, True), (73, False)):
-        monkeypatch.setattr(sgcl_mod, "AUTO_INDEXED_ROWS", threshold)
+        monkeypatch.setattr(config_mod, "AUTO_INDEXED_ROWS", threshold)
         method, _, _ = started(small_cfg())                            # 72 patches
         assert method.indexed is expected
     with pytest.raises(ValueError, match="npid_sample"):

@@ -93,6 +93,12 @@ class MethodConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)  # optional pixel-level term (sgcl.methods.dense)
 
 
+def uses_indexed(s: SGCLConfig, num_rows: int) -> bool:
+    """Whether a run over ``num_rows`` patches takes SGCL's bounded memory-bank path:
+    ``candidates: indexed``, or ``auto`` with at least ``AUTO_INDEXED_ROWS`` rows (never in queue mode)."""
+    return s.bank == "memory" and (s.candidates == "indexed" or (s.candidates == "auto" and num_rows >= AUTO_INDEXED_ROWS))
+
+
 def build_method(cfg: MethodConfig, backbone):  # noqa: ANN001 - re-exported factory
     """Factory by name; see :mod:`sgcl.methods.factory` (imported lazily: no import cycle)."""
     from sgcl.methods.factory import build_method as _build

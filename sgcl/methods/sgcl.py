@@ -42,7 +42,7 @@ from sgcl.memory.cluster_index import ClusterIndex
 from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
-from sgcl.methods.config import AUTO_INDEXED_ROWS, INDEXED_MINING_POOL, INDEXED_NPID_SAMPLE, MethodConfig
+from sgcl.methods.config import INDEXED_MINING_POOL, INDEXED_NPID_SAMPLE, MethodConfig, uses_indexed
 from sgcl.mining import draw_pool, local_exclude, mine_negatives
 from sgcl.train.health import RecentRows
 
@@ -367,8 +367,7 @@ class SGCL(PretrainMethod):
     @property
     def indexed(self) -> bool:
         """Bounded per-step cost (``candidates: indexed``, or ``auto`` from ``AUTO_INDEXED_ROWS`` rows on)."""
-        c = self.cfg.sgcl.candidates
-        return not self.queue_mode and (c == "indexed" or (c == "auto" and self.num_patches >= AUTO_INDEXED_ROWS))
+        return uses_indexed(self.cfg.sgcl, self.num_patches)
 
     @property
     def npid_sample(self) -> int:

@@ -12,7 +12,9 @@
 Two scales:
 
 - ``bank: memory`` (the reference, §1.12): banks of N rows (projection, backbone, 4 quadrants),
-  k-means over the bank. Per-step cost grows with N; fine up to a few million patches.
+  k-means over the bank. With ``candidates: exact`` the per-step cost grows with N; ``indexed``
+  (and ``auto`` from 1M rows on) bounds it: semantic candidates from k-means member lists, mining in
+  a pool of rows, a weighted sample of the NPID negatives (docs/sgcl_method.md).
 - ``bank: queue`` (for 50M patches): momentum encoder + queue of K keys that stores each key's
   patch index, slide and grid cell, so spatial positives are the queued (and in-batch) keys of
   grid neighbours; k-means centroids are fitted on the queue and keys are assigned on the fly.

@@ -110,22 +110,28 @@ def time_backbone(batch: int, reps: int) -> float:
 
 def variants(n: int) -> list[tuple[str, MethodConfig]]:
     """Term ablations at small N; at N >= 1M the scalable settings only (fp16 banks keep RAM in check)."""
+    exact = {"candidates": "exact"}
     small = [
         ("moco_v2", "moco_v2", {}),
         ("simclr", "simclr", {}),
-        ("sgcl (memory, full)", "sgcl", {}),
+        ("sgcl (memory, full)", "sgcl", exact),
         ("sgcl (memory, full, indexed)", "sgcl", {"candidates": "indexed"}),
-        ("sgcl - self", "sgcl", {"self_term": False}),
-        ("sgcl - intra", "sgcl", {"intra_term": False}),
-        ("sgcl - inter", "sgcl", {"inter_term": False}),
-        ("sgcl - inner", "sgcl", {"inner_term": False}),
+        ("sgcl - self", "sgcl", {**exact, "self_term": False}),
+        ("sgcl - intra", "sgcl", {**exact, "intra_term": False}),
+        ("sgcl - inter", "sgcl", {**exact, "inter_term": False}),
+        ("sgcl - inner", "sgcl", {**exact, "inner_term": False}),
         ("sgcl (queue, full)", "sgcl", {"bank": "queue"}),
     ]
+    fp16_indexed = {"bank_dtype": "float16", "candidates": "indexed"}
     large = [
         ("moco_v2", "moco_v2", {}),
-        ("sgcl (memory, fp16)", "sgcl", {"bank_dtype": "float16"}),
-        ("sgcl (memory, fp16, pool 100k)", "sgcl", {"bank_dtype": "float16", "mining_pool": 100_000}),
-        ("sgcl (memory, fp16, indexed)", "sgcl", {"bank_dtype": "float16", "candidates": "indexed"}),
+        ("sgcl (memory, fp16)", "sgcl", {**exact, "bank_dtype": "float16"}),
+        ("sgcl (memory, fp16, pool 100k)", "sgcl", {**exact, "bank_dtype": "float16", "mining_pool": 100_000}),
+        ("sgcl (memory, fp16, indexed)", "sgcl", fp16_indexed),
+        ("sgcl (memory, fp16, indexed, mining pool 8k)", "sgcl", {**fp16_indexed, "mining_pool": 8192}),
+        ("sgcl (memory, fp16, indexed, all NPID negatives)", "sgcl", {**fp16_indexed, "npid_sample": 65536}),
+        ("sgcl (memory, fp16, indexed, mining pool 65k)", "sgcl", {**fp16_indexed, "mining_pool": 65536}),
+        ("sgcl (memory, fp16, indexed) - inter", "sgcl", {**fp16_indexed, "inter_term": False}),
         ("sgcl (queue, full)", "sgcl", {"bank": "queue"}),
     ]
     out = []

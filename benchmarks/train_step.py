@@ -43,7 +43,7 @@ from sgcl.transforms.gpu import GPUPhotometric  # noqa: E402
 VARIANTS = {
     "moco_v2": ("moco_v2", {}),
     "simclr": ("simclr", {}),
-    "sgcl": ("sgcl", {}),
+    "sgcl": ("sgcl", {"candidates": "exact"}),
     "sgcl-indexed": ("sgcl", {"candidates": "indexed"}),
     "sgcl-no-self": ("sgcl", {"self_term": False}),
     "sgcl-no-intra": ("sgcl", {"intra_term": False}),

@@ -36,13 +36,23 @@ def beta_rank_weights(length: int, a: float = 5.0, b: float = 15.0) -> torch.Ten
     return w / w.sum()
 
 
-def sample_rank_positions(length: int, k: int, mode: Mining, a: float, b: float, generator: torch.Generator) -> torch.Tensor:
+def sample_rank_positions(length: int, k: int, mode: Mining, a: float, b: float, generator: torch.Generator,
+                          replacement: bool = False) -> torch.Tensor:
     """``min(k, length)`` distinct sorted rank positions in ``[0, length)`` (CPU int64).
 
     ``semi_hard``: exact Beta(a, b) bin probabilities with ``torch.multinomial`` (without
     replacement) up to 2^24 positions; beyond that (``frac·N`` of a 100M-row bank) Beta draws are
-    binned and deduplicated until ``k`` distinct positions are found.
+    binned and deduplicated until ``k`` distinct positions are found. ``replacement``: ``k``
+    independent draws (repeats kept), so every draw follows the Beta shape even when ``k`` is a
+    large share of ``length`` (a bounded mining pool).
     """
+    if mode == "semi_hard" and replacement and int(k) > 0 and int(length) > 0:
+        w = beta_rank_weights(int(length), a, b) if length <= 2**24 else None
+        if w is not None:
+            return torch.multinomial(w.float(), int(k), replacement=True, generator=generator).sort().values
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        draw = np.minimum((rng.beta(a, b, size=int(k)) * length).astype(np.int64), length - 1)
+        return torch.from_numpy(np.sort(draw))
     k = min(int(k), int(length))
     if k <= 0:
         return torch.zeros(0, dtype=torch.long)
@@ -85,6 +95,7 @@ def mine_negatives(
     chunk: int = 0,
     valid: torch.Tensor | None = None,
     pool: int = 0,
+    replacement: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative indices into ``keys`` for each row of ``query``.
 
@@ -94,11 +105,13 @@ def mine_negatives(
     ``pool > 0``: rank within ``pool`` rows drawn uniformly (shared by the batch) instead of all N,
     so time and memory stay bounded at 50M rows; the rank positions keep the same Beta shape
     over the pool's top ``⌈frac·pool⌉``, i.e. the same similarity quantiles in expectation.
+    ``replacement``: semi-hard rank positions are ``k`` independent Beta draws (repeated negatives
+    count once per draw), which keeps the Beta shape when ``k`` approaches ``⌈frac·pool⌉``.
     Returns ``(index (B, k'), mask (B, k'))``; masked entries are not negatives.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     if pool > 0 and pool < keys.shape[0] and mode != "uniform":
-        return _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool)
+        return _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool, replacement)
     n = keys.shape[0]
     device = query.device
     if valid is not None:
@@ -110,7 +123,7 @@ def mine_negatives(
         cand = torch.randint(0, n, (kk,), generator=gen).to(device).unsqueeze(0).expand(query.shape[0], -1).contiguous()
         return cand, ~_is_excluded(cand, exclude.to(device))
     length = max(1, math.ceil(frac * n)) if mode == "semi_hard" else min(int(k), n)
-    positions = sample_rank_positions(length, k, mode, a, b, gen).to(device)
+    positions = sample_rank_positions(length, k, mode, a, b, gen, replacement).to(device)
     if positions.numel() == 0:
         empty = torch.zeros(query.shape[0], 0, dtype=torch.long, device=device)
         return empty, empty.bool()
@@ -121,13 +134,21 @@ def mine_negatives(
     return idx, mask
 
 
-def _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool):
-    n = keys.shape[0]
-    device = query.device
-    rows = torch.randint(0, n, (int(pool),), generator=gen).unique().to(device)  # sorted, distinct
-    ex = exclude.to(device)
+def draw_pool(n: int, pool: int, generator: torch.Generator, device: torch.device | str | None = None) -> torch.Tensor:
+    """``pool`` uniform draws over ``[0, n)``, sorted and deduplicated (the rows a pooled step ranks)."""
+    return torch.randint(0, n, (int(pool),), generator=generator).unique().to(device)
+
+
+def local_exclude(rows: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """``exclude`` (global indices, −1 padded) as positions in the sorted ``rows`` (−1 where absent)."""
+    ex = exclude.to(rows.device)
     pos = torch.searchsorted(rows, ex.clamp_min(0)).clamp_max(rows.numel() - 1)
-    local_ex = torch.where((ex >= 0) & (rows[pos] == ex), pos, torch.full_like(ex, -1))
-    sub_valid = None if valid is None else valid.to(device)[rows]
-    idx, mask = mine_negatives(query, keys.index_select(0, rows), local_ex, k, mode, frac, a, b, gen, chunk, sub_valid, pool=0)
+    return torch.where((ex >= 0) & (rows[pos] == ex), pos, torch.full_like(ex, -1))
+
+
+def _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool, replacement):
+    rows = draw_pool(keys.shape[0], pool, gen, query.device)
+    sub_valid = None if valid is None else valid.to(query.device)[rows]
+    idx, mask = mine_negatives(query, keys.index_select(0, rows), local_exclude(rows, exclude), k, mode, frac, a, b, gen, chunk,
+                               sub_valid, pool=0, replacement=replacement)
     return rows[idx], mask

@@ -11,7 +11,7 @@ import argparse
 import math
 
 from sgcl.clustering import effective_clusters
-from sgcl.methods.config import INDEXED_MINING_POOL, MethodConfig
+from sgcl.methods.config import INDEXED_MINING_POOL, MethodConfig, uses_indexed
 
 SPATIAL_INDEX_BYTES_PER_PATCH = 40  # slide (8) + grid (16) + sorted key (8) + order (8)
 SEMI_HARD_TOP_QUANTILE = 0.7        # the deepest of 4096 Beta(5,15) rank positions sits near 0.6–0.7
@@ -51,10 +51,10 @@ def estimate_memory(cfg: MethodConfig, num_patches: int, feat_dim: int, batch_si
         out["quadrant_banks"] = 4 * n * d * b
     if s.inter_term:
         out["cluster_labels"] = s.kmeans_runs * n * 4  # int32
-        if s.candidates == "indexed":
+        if uses_indexed(s, n):
             out["cluster_index"] = n * 16  # group id + member order, int64 (sgcl.memory.cluster_index)
     if spatial:
-        pool = s.mining_pool if s.mining_pool > 0 else (INDEXED_MINING_POOL if s.candidates == "indexed" else 0)
+        pool = s.mining_pool if s.mining_pool > 0 else (INDEXED_MINING_POOL if uses_indexed(s, n) else 0)
         ranked = min(pool, n) if pool > 0 else n
         if s.mining == "semi_hard":
             top = math.ceil(s.mining_frac * ranked * SEMI_HARD_TOP_QUANTILE)

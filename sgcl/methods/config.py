@@ -12,7 +12,10 @@ from typing import Literal
 from sgcl.config import ConfigError, bounded
 from sgcl.methods.dense import DenseConfig
 
-INDEXED_MINING_POOL = 65536  # rows ranked per step with sgcl.candidates=indexed when sgcl.mining_pool is 0
+# sgcl.candidates=indexed (bounded per-step cost, docs/sgcl_method.md), where the knob is 0:
+INDEXED_MINING_POOL = 16384   # rows ranked per step for semi-hard mining (sgcl.mining_pool)
+INDEXED_NPID_SAMPLE = 16384   # NPID negatives scored per step by the self and inner terms (sgcl.npid_sample)
+AUTO_INDEXED_ROWS = 1_000_000  # sgcl.candidates=auto: indexed from this many bank rows on, exact below
 
 
 @dataclass
@@ -36,10 +39,15 @@ class SGCLConfig:
     mining_pool: int = bounded(0, ge=0)  # rank within this many random bank rows per step (0 = all N, as the reference)
     # memory bank only: ``exact`` scans the whole bank every step for the semantic candidates (the
     # reference, cost ∝ N); ``indexed`` takes them from per-cluster member lists rebuilt at each
-    # k-means refit (at most ``candidate_pool`` members per anchor, uniformly sampled) and mines
-    # within ``mining_pool`` rows (65,536 if 0): per-step cost bounded in N (docs/sgcl_method.md)
-    candidates: Literal["exact", "indexed"] = "exact"
+    # k-means refit (at most ``candidate_pool`` members per anchor, uniformly sampled), mines within
+    # ``mining_pool`` rows (16,384 if 0; Beta rank positions drawn with replacement) and scores
+    # ``npid_sample`` NPID negatives (16,384 if 0): per-step cost bounded in N. ``auto``: indexed
+    # from 1,000,000 bank rows on, exact below (docs/sgcl_method.md)
+    candidates: Literal["exact", "indexed", "auto"] = "auto"
     candidate_pool: int = bounded(1024, ge=1)  # indexed: members of the anchor's k-means group considered per anchor
+    # self/inner NPID terms: score this many of the num_negatives uniform draws, each weighted by
+    # num_negatives / npid_sample (same expected denominator); 0 = all of them (exact) or 16,384 (indexed)
+    npid_sample: int = bounded(0, ge=0)
     beta_a: float = bounded(5.0, gt=0)  # Beta(a, b) shape of the semi-hard rank positions
     beta_b: float = bounded(15.0, gt=0)
     denominator: Literal["faithful", "clean"] = "faithful"  # C_i = N − |P_i| (reference) or 0
@@ -91,6 +99,12 @@ class MethodConfig:
         if self.name == "sgcl" and not (s.self_term or s.intra_term or s.inter_term or s.inner_term):
             raise ConfigError("sgcl: method sgcl needs at least one of sgcl.self_term, intra_term, inter_term, "
                               "inner_term set to true", key="sgcl")
+
+
+def uses_indexed(s: SGCLConfig, num_rows: int) -> bool:
+    """Whether a run over ``num_rows`` patches takes SGCL's bounded memory-bank path:
+    ``candidates: indexed``, or ``auto`` with at least ``AUTO_INDEXED_ROWS`` rows (never in queue mode)."""
+    return s.bank == "memory" and (s.candidates == "indexed" or (s.candidates == "auto" and num_rows >= AUTO_INDEXED_ROWS))
 
 
 def build_method(cfg: MethodConfig, backbone):  # noqa: ANN001 - re-exported factory

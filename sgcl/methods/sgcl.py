@@ -12,7 +12,9 @@
 Two scales:
 
 - ``bank: memory`` (the reference, §1.12): banks of N rows (projection, backbone, 4 quadrants),
-  k-means over the bank. Per-step cost grows with N; fine up to a few million patches.
+  k-means over the bank. With ``candidates: exact`` the per-step cost grows with N; ``indexed``
+  (and ``auto`` from 1M rows on) bounds it: semantic candidates from k-means member lists, mining in
+  a pool of rows, a weighted sample of the NPID negatives (docs/sgcl_method.md).
 - ``bank: queue`` (for 50M patches): momentum encoder + queue of K keys that stores each key's
   patch index, slide and grid cell, so spatial positives are the queued (and in-batch) keys of
   grid neighbours; k-means centroids are fitted on the queue and keys are assigned on the fly.
@@ -42,8 +44,8 @@ from sgcl.memory.cluster_index import ClusterIndex
 from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
-from sgcl.methods.config import INDEXED_MINING_POOL, MethodConfig
-from sgcl.mining import mine_negatives
+from sgcl.methods.config import INDEXED_MINING_POOL, INDEXED_NPID_SAMPLE, MethodConfig, uses_indexed
+from sgcl.mining import draw_pool, local_exclude, mine_negatives
 from sgcl.train.health import RecentRows
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,8 @@ class SGCL(PretrainMethod):
             raise ValueError("SGCL needs at least one of sgcl.self_term/intra_term/inter_term/inner_term")
         if s.aux_num < 0 or s.nei_k <= 0 or s.num_negatives <= 0:
             raise ValueError("sgcl.aux_num must be >= 0 and sgcl.nei_k, sgcl.num_negatives > 0")
-        if s.candidates not in ("exact", "indexed") or s.candidate_pool <= 0:
-            raise ValueError("sgcl.candidates must be 'exact' or 'indexed' and sgcl.candidate_pool > 0")
+        if s.candidates not in ("exact", "indexed", "auto") or s.candidate_pool <= 0 or s.npid_sample < 0:
+            raise ValueError("sgcl.candidates must be 'exact', 'indexed' or 'auto', sgcl.candidate_pool > 0 and sgcl.npid_sample >= 0")
         self.feat_dim = num_features(backbone)
         self.head = make_head(cfg, self.feat_dim)
         self.queue_mode = s.bank == "queue"
@@ -87,6 +89,7 @@ class SGCL(PretrainMethod):
         self.recent = RecentRows()  # recent patch indices and backbone features (health diagnostics)
         self._cluster_index: ClusterIndex | None = None   # indexed candidates: built from self.clusters
         self._cluster_index_key: tuple | None = None
+        self._neg_pool: tuple[torch.Tensor, torch.Tensor] | None = None   # (pool rows, mined positions) of the last pooled mining
         self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
 
     # ------------------------------------------------------------------ setup
@@ -223,23 +226,26 @@ class SGCL(PretrainMethod):
             out: dict[str, torch.Tensor] = {}
             loss = q.new_zeros(())
             if s.self_term:
-                neg = torch.randint(0, n, (s.num_negatives,), generator=step_generator(cfg.seed, step, 1)).to(q.device)
-                l_single = npid_loss(q, self.bank.rows(idx), self.bank.rows(neg), cfg.tau_head)
+                k_draw = self.npid_sample
+                neg = self._npid_draws(n, k_draw, step_generator(cfg.seed, step, 1), q.device)
+                l_single = npid_loss(q, self.bank.rows(idx), self.bank.rows(neg), cfg.tau_head, s.num_negatives / k_draw)
                 loss = loss + s.lambda_single * l_single
                 out["loss_single"] = l_single.detach()
             if self.uses_spatial_loss:
                 pos_idx, pos_mask, neg_idx, neg_mask, diag = self.positive_negative_sets(q, hb, idx, step)
                 pos_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(pos_idx))
-                neg_sim = torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
+                neg_sim = self._negative_sims(q, neg_idx)
                 loss = loss + self._spatial_term(pos_sim, pos_mask, neg_sim, neg_mask, n, epoch, out)
                 out.update(diag)
             if s.inner_term:
                 assert u is not None
-                b = q.shape[0]
-                per = max(1, s.num_negatives // 4)
+                # K/4 rows of each position bank, shared by the 4 quadrants; one (4B, K) product (the
+                # mean over 4B rows is the mean of the 4 per-quadrant means: equal batch sizes)
+                per, per_draw = max(1, s.num_negatives // 4), max(1, self.npid_sample // 4)
                 gen = step_generator(cfg.seed, step, 3)
-                negs = torch.cat([bank.rows(torch.randint(0, n, (per,), generator=gen).to(q.device)) for bank in self.local_banks])
-                l_m = torch.stack([npid_loss(u[c * b : (c + 1) * b], self.local_banks[c].rows(idx), negs, cfg.tau_head) for c in range(4)]).mean()
+                negs = torch.cat([bank.rows(self._npid_draws(n, per_draw, gen, q.device)) for bank in self.local_banks])
+                own = torch.cat([bank.rows(idx) for bank in self.local_banks])
+                l_m = npid_loss(u, own, negs, cfg.tau_head, per / per_draw)
                 loss = loss + s.lambda_inner * l_m
                 out["loss_mcrop"] = l_m.detach()
             if self.training:
@@ -283,9 +289,22 @@ class SGCL(PretrainMethod):
         pool = s.mining_pool
         if self.indexed and pool <= 0:
             pool = INDEXED_MINING_POOL
+        gen = step_generator(cfg.seed, step, 2)
+        self._neg_pool = None
+        if self.indexed and 0 < pool < rank_keys.shape[0] and s.mining != "uniform":
+            # bounded pool shared by the batch (the draws of mine_negatives(pool=...)); Beta rank
+            # positions with replacement keep their shape in a short band. The pool rows are kept
+            # so that the loss scores the negatives with one (B, pool) product, not a (B, k, D) gather.
+            rows = draw_pool(rank_keys.shape[0], pool, gen, rank_q.device)
+            local, neg_mask = mine_negatives(
+                rank_q, rank_keys.index_select(0, rows), local_exclude(rows, exclude), s.nei_k, s.mining, s.mining_frac,
+                s.beta_a, s.beta_b, generator=gen, chunk=s.sim_chunk, replacement=True,
+            )
+            self._neg_pool = (rows, local)
+            return pos_idx, pos_mask, rows[local], neg_mask, diag
         neg_idx, neg_mask = mine_negatives(
             rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac, s.beta_a, s.beta_b,
-            generator=step_generator(cfg.seed, step, 2), chunk=s.sim_chunk, pool=pool,
+            generator=gen, chunk=s.sim_chunk, pool=pool,
         )
         return pos_idx, pos_mask, neg_idx, neg_mask, diag
 
@@ -349,7 +368,31 @@ class SGCL(PretrainMethod):
 
     @property
     def indexed(self) -> bool:
-        return not self.queue_mode and self.cfg.sgcl.candidates == "indexed"
+        """Bounded per-step cost (``candidates: indexed``, or ``auto`` from ``AUTO_INDEXED_ROWS`` rows on)."""
+        return uses_indexed(self.cfg.sgcl, self.num_patches)
+
+    @property
+    def npid_sample(self) -> int:
+        """NPID negatives drawn per step by the self and inner terms (≤ ``num_negatives``)."""
+        s = self.cfg.sgcl
+        k = s.npid_sample if s.npid_sample > 0 else (INDEXED_NPID_SAMPLE if self.indexed else s.num_negatives)
+        return min(k, s.num_negatives)
+
+    def _npid_draws(self, n: int, k: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        """``k`` uniform bank rows for an NPID term. Indexed mode gathers them in increasing order
+        (the loss sums over them, so the order does not matter; sorted gathers are cache-friendly)."""
+        draws = torch.randint(0, n, (k,), generator=gen)
+        return (draws.sort().values if self.indexed else draws).to(device)
+
+    def _negative_sims(self, q: torch.Tensor, neg_idx: torch.Tensor) -> torch.Tensor:
+        """``q_b · V[neg_idx[b, k]]`` (B, k), with grad through ``q``. After pooled mining, one
+        (B, pool) product with the pool's rows, gathered at the mined positions; otherwise a
+        (B, k, D) gather of the mined rows (the reference path)."""
+        pooled, self._neg_pool = self._neg_pool, None
+        if pooled is None:
+            return torch.einsum("bd,bkd->bk", q, self.bank.rows(neg_idx))
+        rows, local = pooled
+        return (q @ self.bank.rows(rows).t()).gather(1, local)
 
     def cluster_index(self) -> ClusterIndex:
         """The member lists of the current k-means labels, rebuilt whenever the labels change

@@ -172,10 +172,12 @@ class EmbedStats:
 
 
 def make_loader(dataset: ImageDataset, transform: BatchTransform, batch_size: int, num_workers: int,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
+                pin_memory: bool, timeout: float = 0) -> torch.utils.data.DataLoader:
+    """In-order batches; ``timeout`` (seconds, with workers only) bounds each wait for a batch."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_Collate(transform),
         pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        timeout=timeout if num_workers > 0 else 0,
     )
 
 

@@ -59,7 +59,8 @@ from sgcl.utils.atomic import (STORAGE_ERRNOS, FileLock, LockBusy, atomic_path, 
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 MANIFEST_FIELDS = ["slide_id", "status", "n_patches", "feature_dim", "encoder", "weights_sha256", "read_mode",
-                   "source", "h5_path", "pt_path", "seconds", "patches_per_second", "rank", "error"]
+                   "source", "h5_path", "pt_path", "seconds", "patches_per_second", "rank", "error", "note"]
+NO_PATCHES_NOTE = "no patches: empty feature file written (0 rows)"
 
 
 @dataclass
@@ -81,11 +82,12 @@ class ExtractConfig:
     overwrite: bool = False
     progress: bool = True
     layout: Literal["default", "clam", "trident"] = "default"  # h5_files/ + pt_files/ (default = CLAM's) or TRIDENT's features_<encoder>/
+    slide_timeout_s: Optional[float] = bounded(10800.0, gt=0)  # a slide still running after this many seconds is stopped and marked failed (None: no limit; num_workers=0 reads in this process, unguarded)
 
 
 FLAG_MAP = {"inputs": "inputs", "out": "out_dir", "encoder": "encoder", "weights": "weights", "slide_dir": "slide_dirs",
             "batch_size": "batch_size", "num_workers": "num_workers", "device": "device", "precision": "precision",
-            "layout": "layout"}
+            "layout": "layout", "slide_timeout": "slide_timeout_s"}
 
 
 # -- distribution ---------------------------------------------------------------------------------
@@ -164,38 +166,135 @@ def patch_mpp(attrs: dict, desc: dict) -> float | None:
     return float(attrs["mpp"]) if attrs.get("mpp") not in (None, "") else None
 
 
-def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device: torch.device) -> dict:
-    """Export one slide; returns its manifest row."""
-    from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
+@dataclass
+class SlideInput:
+    """Everything read from one input file before its patches (picklable: built in a child process)."""
+    slide_id: str
+    attrs: dict
+    coords_attrs: dict
+    source: object             # evaluation.sources StoredPatches / SlidePatches (handles reopen lazily)
+    desc: dict
+    coords: np.ndarray         # (N, 2) int64
+    grid: np.ndarray           # (N, 2) int32
+
+
+def read_slide_input(path: Path, cfg: ExtractConfig) -> SlideInput:
+    """Open one input and read its metadata, coords and grid (not its patches)."""
     from evaluation.sources import h5_attrs, open_source, slide_id_of
+
+    attrs, cattrs = h5_attrs(path)
+    source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
+    desc = source.describe()
+    with h5py.File(path, "r") as f:
+        coords = f["coords"][:].astype(np.int64).reshape(-1, 2)
+    level0 = desc.get("patch_size_level0") or cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")
+    close = getattr(getattr(source, "file", None), "close", None) or getattr(source, "close", None)
+    if close is not None:  # handles are per process: the reader processes open their own
+        close()
+    return SlideInput(slide_id_of(path, attrs), attrs, cattrs, source, desc, coords, grid_from(path, coords, level0))
+
+
+class SlideFailure(RuntimeError):
+    """One slide failed; the message is the manifest's ``error`` as it is."""
+
+
+class SlideTimeout(SlideFailure):
+    """A slide ran past ``slide_timeout_s``."""
+
+
+def timeout_message(seconds: float, what: str) -> str:
+    return f"timed out: still running after {seconds:g} s (slide_timeout_s); {what}"
+
+
+def read_isolated(path: Path, cfg: ExtractConfig) -> SlideInput:
+    """:func:`read_slide_input` in a fresh child process killed after ``cfg.slide_timeout_s`` (the
+    tiler's :func:`preprocessing.cohort.run_isolated`), so a stalled or crashing read fails only this
+    slide; in this process when ``num_workers`` is 0 (no isolation, easiest to debug, as ``sgcl tile --workers 0``)."""
+    if cfg.num_workers == 0:
+        return read_slide_input(path, cfg)
+    from preprocessing.cohort import run_isolated
+
+    out: dict = {}
+    run_isolated([(path, (path, cfg))], read_slide_input, 1, lambda _, r: out.update(result=r),
+                 lambda _, reason: SlideFailure(reason), timeout=cfg.slide_timeout_s, doing="reading")
+    if isinstance(out.get("result"), Exception):
+        raise out["result"]
+    return out["result"]
+
+
+def guarded_batches(loader, deadline: float | None, limit: float | None):
+    """The loader's batches, stopped with :class:`SlideTimeout` at ``deadline`` (``time.monotonic()``):
+    each wait for a batch from the reader processes is bounded by the time left, and on time-out the
+    readers (stuck in a read, e.g. a corrupt HDF5 chunk) are killed."""
+    it = iter(loader)
+    try:
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SlideTimeout(timeout_message(limit, "stopped between batches"))
+                if hasattr(it, "_timeout"):  # multi-process iterator: bound this wait by the time left
+                    it._timeout = max(0.05, left)
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if deadline is not None and "timed out" in str(exc):
+                    raise SlideTimeout(timeout_message(limit, "its patch reader processes were killed")) from None
+                raise
+            yield batch
+    finally:
+        for w in getattr(it, "_workers", []):  # a reader stuck in C code ignores the polite shutdown
+            if w.is_alive() and deadline is not None and time.monotonic() >= deadline:
+                w.kill()
+        del it
+
+
+def one_line_error(exc: BaseException) -> str:
+    """``Type: message`` on one line; an error re-raised from a DataLoader worker keeps only its last
+    line (the worker's own ``Type: message``), not the worker's traceback."""
+    text = str(exc).strip()
+    if isinstance(exc, SlideFailure):
+        return text
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return last if ":" in last else f"{type(exc).__name__}: {last}"
+    return f"{type(exc).__name__}: {' '.join(text.split())}"
+
+
+def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device: torch.device) -> dict:
+    """Export one slide within ``cfg.slide_timeout_s``; returns its manifest row. A slide without
+    patches gets an empty feature file (0 × D features, 0 × 2 coords) in every layout."""
+    from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
     from preprocessing.layouts import FeatureLayout
     from sgcl.models.encoders import trident_folder_name
 
     t0 = time.perf_counter()
-    attrs, cattrs = h5_attrs(path)
-    sid = slide_id_of(path, attrs)
+    limit = cfg.slide_timeout_s if cfg.num_workers > 0 and cfg.slide_timeout_s else None
+    deadline = time.monotonic() + limit if limit else None
+    slide = read_isolated(path, cfg)
+    sid, attrs, desc, source = slide.slide_id, slide.attrs, slide.desc, slide.source
     layout = FeatureLayout(cfg.layout, out_dir, trident_folder_name(encoder.name))
     h5_path, pt_path = layout.h5(sid), layout.pt(sid)
-    source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
-    desc = source.describe()
-    n = len(source)
+    n = len(slide.coords)
     phash = params_hash(encoder.fingerprint(), cfg, desc, n)
     row = {"slide_id": sid, "n_patches": n, "feature_dim": encoder.num_features, "encoder": encoder.name,
            "weights_sha256": encoder.info.get("sha256") or "", "read_mode": desc["read_mode"], "source": str(path),
-           "h5_path": str(h5_path), "pt_path": str(pt_path) if pt_path is not None else ""}
+           "h5_path": str(h5_path), "pt_path": str(pt_path) if pt_path is not None else "",
+           "note": NO_PATCHES_NOTE if n == 0 else ""}
     if not cfg.overwrite and is_done(h5_path, pt_path, phash):
         return {**row, "status": "skipped", "seconds": 0.0}
     stats = EmbedStats()
-    loader = make_loader(source, encoder.transform(), cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
-    feats = embed_batches(encoder.model, loader, device, autocast_dtype(cfg.precision, device), n,
-                          progress=sid if cfg.progress else None, stats=stats)
     if n == 0:
         feats = np.zeros((0, encoder.num_features), np.float32)
+    else:
+        loader = make_loader(source, encoder.transform(), cfg.batch_size, cfg.num_workers,
+                             pin_memory=device.type == "cuda", timeout=limit or 0)
+        feats = embed_batches(encoder.model, guarded_batches(loader, deadline, limit), device,
+                              autocast_dtype(cfg.precision, device), n, progress=sid if cfg.progress else None,
+                              stats=stats)
     feats = feats.astype(np.float16 if cfg.feature_dtype == "float16" else np.float32)
-    with h5py.File(path, "r") as f:
-        coords = f["coords"][:].astype(np.int64)
-    level0 = desc.get("patch_size_level0") or cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")
-    grid = grid_from(path, coords, level0)
     mpp = patch_mpp(attrs, desc)
     out_attrs = {
         "slide_id": sid, "encoder": encoder.name, "pooling": str(encoder.info.get("pooling") or ""),
@@ -207,7 +306,7 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
         "format": "sgcl-features", "format_version": 1,
     }
     # `features` attrs as TRIDENT writes them (its readers ignore the rest)
-    write_features_h5(h5_path, feats, coords, grid, cattrs, out_attrs,
+    write_features_h5(h5_path, feats, slide.coords, slide.grid, slide.coords_attrs, out_attrs,
                       {"name": sid, "savetodir": str(h5_path.parent), "encoder": encoder.name})
     if pt_path is not None:
         with atomic_path(pt_path) as tmp:
@@ -251,25 +350,46 @@ def merge_manifests(out_dir: Path, world_size: int) -> list[dict]:
 
 
 # -- driver ---------------------------------------------------------------------------------------
+def scan_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[str], list[int]]:
+    """(inputs, slide id, patch count) of every input, a file listed twice kept once. Two files with one
+    slide id (it names the outputs) are an error, as in ``sgcl tile``; an unreadable file keeps its
+    file-name id and count 0 (it fails, recorded, when it is extracted)."""
+    from evaluation.sources import SourceError, count_patches, h5_attrs, slide_id_of
+    from preprocessing.layouts import slide_id_from_file_name
+
+    seen: dict[str, Path] = {}
+    paths, ids, counts = [], [], []
+    for path in inputs:
+        try:
+            attrs, _ = h5_attrs(path)
+            sid, n = slide_id_of(path, attrs), count_patches(path)
+        except (OSError, SourceError):
+            sid, n = slide_id_from_file_name(path), 0
+        first = seen.setdefault(sid, path)
+        if first is not path:
+            if first.resolve() == path.resolve():
+                continue
+            raise SourceError(f"duplicate slide id {sid!r}: {first} and {path}. Slide ids name the output files; "
+                              "rename one file (or its slide_id attr) or pass only one of them")
+        paths.append(path)
+        ids.append(sid)
+        counts.append(n)
+    return paths, ids, counts
+
+
 def run_extract(cfg: ExtractConfig) -> dict:
     """Export every input slide of this rank; returns ``{"rows": [...], "failed": int}``."""
     from tqdm import tqdm
 
     from evaluation.embedding import load_encoder, resolve_device
-    from evaluation.sources import count_patches, discover_inputs
-    from preprocessing.layouts import FeatureLayout, slide_id_from_file_name
+    from evaluation.sources import discover_inputs
+    from preprocessing.layouts import FeatureLayout
     from sgcl.models.encoders import trident_folder_name
 
     rank, world, local_rank = dist_env()
     out_dir = ensure_writable_dir(cfg.out_dir)  # a read-only or full output folder: one error now, not one per slide
-    inputs = discover_inputs(cfg.inputs)
-    counts = []
-    for p in inputs:
-        try:
-            counts.append(count_patches(p))
-        except OSError:
-            counts.append(0)  # unreadable: fails (and is recorded) when its rank opens it
-    mine = [inputs[i] for i in assign_by_load(counts, world)[rank]]
+    inputs, ids, counts = scan_inputs(discover_inputs(cfg.inputs))
+    mine = [(inputs[i], ids[i]) for i in assign_by_load(counts, world)[rank]]
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -280,8 +400,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         ensure_writable_dir(folder)
         remove_stale_temporaries(folder)
     rows = []
-    for path in tqdm(mine, desc=f"slides (rank {rank}/{world})", unit="slide", disable=not cfg.progress):
-        sid = slide_id_from_file_name(path)
+    for path, sid in tqdm(mine, desc=f"slides (rank {rank}/{world})", unit="slide", disable=not cfg.progress):
         lock = FileLock(layout.features_dir / f".{sid}.lock")
         try:
             lock.acquire()
@@ -294,7 +413,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
             if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:  # every later slide would fail the same way
                 _write_partial_manifest(out_dir / f"manifest.rank{rank}.csv", rows)
                 raise OSError(exc.errno, exc.strerror, exc.filename or str(out_dir)) from exc
-            msg = f"{type(exc).__name__}: {exc}"
+            msg = one_line_error(exc)
             print(f"sgcl extract: {path}: FAILED: {msg}", file=sys.stderr)
             if os.environ.get("SGCL_DEBUG"):
                 traceback.print_exc()
@@ -345,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=int)
     p.add_argument("--device")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--slide-timeout", dest="slide_timeout", type=float, metavar="SECONDS",
+                   help="stop a slide still running after this long and mark it failed (slide_timeout_s=; "
+                        "default 10800; reads run in child processes, so a stalled read cannot hang the run)")
     add_config_arguments(p, example="feature_dtype=float16")
     return p
 

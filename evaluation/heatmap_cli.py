@@ -248,10 +248,17 @@ def run_heatmap(cfg: HeatmapConfig) -> list[dict]:
             return list(r.level_downsamples)
 
     # check every input before drawing anything
-    jobs = []
+    jobs, empty = [], []
     for path in files:
         fs = read_feature_slide(path, lambda sid: downsamples_of(sid) if sid in slides else None)
+        if len(fs.coords) == 0:  # no patches (e.g. no tissue): nothing to draw, and its slide is not needed
+            empty.append(fs.slide_id)
+            continue
         jobs.append((fs, find_slide(fs, slides)))
+    if empty:
+        from sgcl.utils.empty_slides import ignored_empty_note
+
+        print(f"sgcl heatmap: {ignored_empty_note(empty)}", file=sys.stderr)
     rows = []
     for fs, slide_path in tqdm(jobs, desc="heatmaps", unit="slide", disable=not cfg.progress):
         source = f"model:{cfg.model}" if cfg.model is not None else f"scores:{cfg.scores}"

@@ -196,24 +196,26 @@ def _child(fn: Callable, args: tuple, conn, parent_pid: int) -> None:
     os._exit(0)  # skip atexit/finalizers inherited from the parent
 
 
-def _exit_reason(code: int | None) -> str:
+def _exit_reason(code: int | None, doing: str = "tiling") -> str:
     if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
         hint = " (likely out of memory)" if name == "SIGKILL" else ""
-        return f"worker process was killed by {name}{hint} while tiling this slide"
+        return f"worker process was killed by {name}{hint} while {doing} this slide"
     return f"worker process exited with code {code} without a result"
 
 
 def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callable[[object, object], None],
-                 on_crash: Callable[[object, str], object], timeout: float | None = None) -> None:
+                 on_crash: Callable[[object, str], object], timeout: float | None = None,
+                 doing: str = "tiling") -> None:
     """Run ``fn(*args)`` for each ``(key, args)`` in ``items``, at most ``workers`` child processes at a
     time, one fresh process per item. ``items`` is consumed lazily (an item is drawn only when a
     process slot is free). ``on_result(key, result)`` is called in the parent as results arrive; a
     child that dies without a result, or runs longer than ``timeout`` seconds (it is then killed), gets
-    ``on_result(key, on_crash(key, reason))``."""
+    ``on_result(key, on_crash(key, reason))``; ``doing`` names the work in that reason. ``sgcl extract``
+    reads each slide's input this way too."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pending = iter(items)
     exhausted = False
@@ -257,7 +259,7 @@ def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callabl
                 conn.close()
                 proc.join()
                 if result is None:
-                    result = on_crash(key, _exit_reason(proc.exitcode))
+                    result = on_crash(key, _exit_reason(proc.exitcode, doing))
                 elif isinstance(result, dict) and "__error__" in result:
                     result = on_crash(key, result["__error__"])
                 on_result(key, result)
@@ -317,7 +319,19 @@ def update_manifest(path: Path, rows: Iterable[dict]) -> None:
             table = pd.concat([read_manifest(path), table], ignore_index=True)
         except (OSError, ValueError, pd.errors.EmptyDataError):
             pass
-    table = latest_per_slide(table)
+    write_manifest_csv(latest_per_slide(table), path)
+
+
+INT_COLUMNS = ("n_patches",)
+
+
+def write_manifest_csv(table: pd.DataFrame, path: Path) -> None:
+    """``table`` to ``path`` atomically, counts as integers (``43``, not the ``43.0`` pandas writes for
+    an int column that has an empty cell, e.g. a failed slide's)."""
+    table = table.copy()
+    for col in INT_COLUMNS:
+        if col in table:
+            table[col] = pd.to_numeric(table[col], errors="coerce").round().astype("Int64")
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
 
@@ -342,8 +356,7 @@ def finalize(out_dir: Path, layout: Layout | None = None) -> pd.DataFrame:
 
     with manifest_lock(out_dir):
         table = merge_manifests(out_dir)
-        with atomic_path(out_dir / "manifest.csv") as tmp:
-            table.to_csv(tmp, index=False)
+        write_manifest_csv(table, out_dir / "manifest.csv")
         write_report(out_dir, table)
         process_list = layout.process_list() if layout is not None else None
         if process_list is not None:

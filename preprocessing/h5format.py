@@ -258,6 +258,8 @@ class PatchFile:
             return int(self.file["imgs"].shape[1])
         if "patch_size" in self.file.attrs:
             return int(self.file.attrs["patch_size"])
+        if len(self) == 0:  # nothing to decode: the coords attrs may still say it, else 0
+            return int(self.file["coords"].attrs.get("patch_size", 0))
         return int(decode_jpeg(self._imgs()[0]).shape[0])
 
     def coords(self) -> np.ndarray:

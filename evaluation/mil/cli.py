@@ -117,6 +117,10 @@ def run_mil(cfg: MilConfig) -> dict:
         raise ConfigError(f"cv.val_fraction: {cfg.cv.val_fraction} — use a value in [0, 1)")
     cohort = load_cohort(d.labels, d.features, d.label_column, d.slide_column, d.patient_column, d.split_column,
                          d.prefer)
+    if cohort.ignored_empty:
+        from sgcl.utils.empty_slides import ignored_empty_note
+
+        print(f"sgcl eval mil: {ignored_empty_note(cohort.ignored_empty)}", file=sys.stderr)
     folds = patient_folds(cohort.labels, cohort.patients, cfg.cv.folds, cfg.cv.val_fraction, cfg.seed, cohort.splits)
     check_patient_disjoint(folds, cohort.patients)
     out = ensure_writable_dir(cfg.out_dir)
@@ -126,7 +130,7 @@ def run_mil(cfg: MilConfig) -> dict:
     atomic_write_json(out / "config.json", {
         "classes": cohort.classes, "feature_dim": cohort.feature_dim, "model": {"name": cfg.model.name, "kwargs": kwargs},
         "folds": [f.fold for f in folds], "scheme": folds[0].scheme, "sgcl_version": __version__, "config": to_dict(cfg),
-        "fold_slides": {str(f.fold): {s: [cohort.slides[i] for i in getattr(f, s)] for s in ("train", "val", "test")}
+        "ignored_empty_slides": cohort.ignored_empty, "fold_slides": {str(f.fold): {s: [cohort.slides[i] for i in getattr(f, s)] for s in ("train", "val", "test")}
                         for f in folds}})
     t = cfg.train
     opt = TrainOptions(cfg.model.name, kwargs, t.epochs, t.lr, t.weight_decay, t.min_lr_ratio, t.patience, t.min_epochs,

@@ -9,7 +9,7 @@ An ``.h5`` is read with one contiguous read of its ``features`` dataset (or a so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -128,13 +128,15 @@ class Cohort:
     splits: list[str] | None     # from the CSV's split column, else None
     n_patches: np.ndarray        # (S,) int64
     feature_dim: int
+    ignored_empty: list[str] = field(default_factory=list)  # labelled slides left out: their bag has no patches
 
 
 def load_cohort(labels_csv: str | Path, features_dir: str | Path, label_column: str = "label",
                 slide_column: str = "slide_id", patient_column: str = "patient", split_column: str = "split",
                 prefer: Literal["h5", "pt"] = "h5") -> Cohort:
     """Read ``slide_id,label[,patient][,split]`` and match every slide to its feature file, checking every
-    row (missing file, mixed feature dimensions, a single class, unknown columns or splits)."""
+    row (missing file, mixed feature dimensions, a single class, unknown columns or splits). A slide whose
+    bag is empty (no patches, e.g. no tissue) is left out and named in ``ignored_empty``."""
     import pandas as pd
 
     labels_csv = Path(labels_csv)
@@ -154,6 +156,20 @@ def load_cohort(labels_csv: str | Path, features_dir: str | Path, label_column: 
     dup = sorted({s for s in slides if slides.count(s) > 1})
     if dup:
         raise MilDataError(f"{labels_csv}: slide(s) listed more than once: {', '.join(dup[:5])}; keep one row per slide")
+    files = find_feature_files(features_dir, prefer)
+    missing = [s for s in slides if s not in files]
+    if missing:
+        raise MilDataError(f"slide {missing[0]!r} of {labels_csv} has no feature file in {features_dir} "
+                           f"({len(missing)} slide(s) missing{': ' + ', '.join(missing[:5]) if len(missing) > 1 else ''}); "
+                           "extract its features or remove its row")
+    shapes = [bag_shape(files[s]) for s in slides]
+    keep = [n > 0 for n, _ in shapes]
+    ignored = [s for s, k in zip(slides, keep) if not k]  # no patches (e.g. no tissue): nothing to learn from
+    if ignored:
+        df, slides, shapes = df[keep], [s for s, k in zip(slides, keep) if k], [x for x, k in zip(shapes, keep) if k]
+        if df.empty:
+            raise MilDataError(f"{labels_csv}: every labelled slide has no patches (N=0 in {features_dir}); "
+                               "re-tile them (lower tissue.min_fraction?) or label other slides")
     classes = sorted(set(df[label_column].str.strip()))
     if len(classes) < 2:
         raise MilDataError(f"{labels_csv}: only one class ({classes[0]!r}) in column {label_column!r}; "
@@ -173,25 +189,15 @@ def load_cohort(labels_csv: str | Path, features_dir: str | Path, label_column: 
             if len(sides) > 1:
                 raise MilDataError(f"{labels_csv}: patient {p!r} is in several splits ({', '.join(sorted(sides))}); "
                                    "keep each patient's slides in one split")
-    files = find_feature_files(features_dir, prefer)
-    missing = [s for s in slides if s not in files]
-    if missing:
-        raise MilDataError(f"slide {missing[0]!r} of {labels_csv} has no feature file in {features_dir} "
-                           f"({len(missing)} slide(s) missing{': ' + ', '.join(missing[:5]) if len(missing) > 1 else ''}); "
-                           "extract its features or remove its row")
     paths = [files[s] for s in slides]
-    shapes = [bag_shape(p) for p in paths]
     dims = {}
     for p, (_, d) in zip(paths, shapes):
         dims.setdefault(d, p)
     if len(dims) > 1:
         desc = ", ".join(f"{p} has D={d}" for d, p in dims.items())
         raise MilDataError(f"feature dimensions differ: {desc}; extract every slide with the same encoder")
-    empty = [p for p, (n, _) in zip(paths, shapes) if n == 0]
-    if empty:
-        raise MilDataError(f"{empty[0]} has no patches (N=0); remove slide {slide_id_from_file_name(empty[0])!r} from {labels_csv}")
     return Cohort(slides, paths, labels, classes, patients, splits, np.array([n for n, _ in shapes], np.int64),
-                  next(iter(dims)))
+                  next(iter(dims)), ignored)
 
 
 class BagDataset(torch.utils.data.Dataset):

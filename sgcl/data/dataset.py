@@ -108,7 +108,7 @@ class PatchDataset(Dataset):
 
     ``skip_bad=True`` drops invalid files (listed in ``bad_files``) and replaces an unreadable patch
     by a neighbouring one of its slide with a warning, instead of stopping; slides without patches
-    are always dropped. ``slide_dirs``: folders holding the slides of coordinates-only files.
+    are always dropped (their ids in ``empty_slides``). ``slide_dirs``: folders holding the slides of coordinates-only files.
     """
 
     def __init__(self, sources, transform=None, cache_files: int = 64, seed: int = 0, skip_bad: bool = False,
@@ -121,6 +121,7 @@ class PatchDataset(Dataset):
         self.skip_bad = bool(skip_bad)
         self.epoch = 0
         self.bad_files: list[tuple[str, str]] = []
+        self.empty_slides: list[str] = []  # slide ids of files without patches (left out)
         slide_ids, grids, kept = [], [], []
         for path in self.files:
             try:
@@ -133,6 +134,7 @@ class PatchDataset(Dataset):
                 self.bad_files.append((str(path), str(exc)))
                 continue
             if len(grid) == 0:
+                self.empty_slides.append(sid)
                 continue
             kept.append(path)
             slide_ids.append(sid)

@@ -163,6 +163,10 @@ class Trainer:
                                     skip_bad=cfg.data.skip_bad_files, slide_dirs=cfg.data.slide_dirs)
         for path, why in self.dataset.bad_files:
             self._log(f"skipped {path}: {why}")
+        if self.dataset.empty_slides:
+            from sgcl.utils.empty_slides import ignored_empty_note
+
+            self._log(ignored_empty_note(self.dataset.empty_slides))
         self.sampler = ResumableDistributedSampler(len(self.dataset), self.dist.world_size, self.dist.rank,
                                                    shuffle=True, seed=cfg.train.seed, drop_last=True)
         self.micro_per_epoch = (self.sampler.per_rank // cfg.data.batch_size) // cfg.train.grad_accum * cfg.train.grad_accum
@@ -261,6 +265,7 @@ class Trainer:
         self.method.load_extra_state(state.get("method_extra", {}))
         self.sampler.load_state_dict(state["sampler"])
         self.global_step = int(state["global_step"])
+        self.logger.truncate_after(self.global_step)  # steps after the checkpoint are redone: no duplicate rows
         rng = state.get("rng") or []
         if rng:
             mine = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]

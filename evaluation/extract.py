@@ -227,12 +227,14 @@ def guarded_batches(loader, deadline: float | None, limit: float | None):
     each wait for a batch from the reader processes is bounded by the time left, and on time-out the
     readers (stuck in a read, e.g. a corrupt HDF5 chunk) are killed."""
     it = iter(loader)
+    timed_out = False
     try:
         while True:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise SlideTimeout(timeout_message(limit, "stopped between batches"))
+                    timed_out = True
+                    raise SlideTimeout(timeout_message(limit, "its patch reads were stopped"))
                 if hasattr(it, "_timeout"):  # multi-process iterator: bound this wait by the time left
                     it._timeout = max(0.05, left)
             try:
@@ -241,13 +243,15 @@ def guarded_batches(loader, deadline: float | None, limit: float | None):
                 return
             except RuntimeError as exc:
                 if deadline is not None and "timed out" in str(exc):
-                    raise SlideTimeout(timeout_message(limit, "its patch reader processes were killed")) from None
+                    timed_out = True
+                    raise SlideTimeout(timeout_message(limit, "its patch reads were stopped")) from None
                 raise
             yield batch
     finally:
-        for w in getattr(it, "_workers", []):  # a reader stuck in C code ignores the polite shutdown
-            if w.is_alive() and deadline is not None and time.monotonic() >= deadline:
-                w.kill()
+        if timed_out:  # a reader stuck in C code (h5py) would hold up the loader's polite shutdown
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():
+                    w.kill()
         del it
 
 
@@ -269,6 +273,8 @@ def extract_slide(path: Path, encoder, cfg: ExtractConfig, out_dir: Path, device
     from evaluation.embedding import EmbedStats, autocast_dtype, embed_batches, make_loader
     from preprocessing.layouts import FeatureLayout
     from sgcl.models.encoders import trident_folder_name
+
+    from preprocessing.cohort import run_isolated  # noqa: F401 - imported (pandas) before the clock starts
 
     t0 = time.perf_counter()
     limit = cfg.slide_timeout_s if cfg.num_workers > 0 and cfg.slide_timeout_s else None

@@ -248,11 +248,24 @@ def guarded_batches(loader, deadline: float | None, limit: float | None):
                 raise
             yield batch
     finally:
-        if timed_out:  # a reader stuck in C code (h5py) would hold up the loader's polite shutdown
-            for w in getattr(it, "_workers", []):
-                if w.is_alive():
-                    w.kill()
+        if timed_out:
+            stop_readers(it)
         del it
+
+
+def stop_readers(it) -> None:
+    """Kill a DataLoader iterator's worker processes (a reader stuck in C code, e.g. an h5py read, never
+    takes the polite shutdown), first taking them off torch's SIGCHLD watch so that their end is not
+    reported as a worker crash (a traceback on stderr)."""
+    if getattr(it, "_worker_pids_set", False):
+        from torch.utils.data import _utils
+
+        _utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join()
 
 
 def one_line_error(exc: BaseException) -> str:

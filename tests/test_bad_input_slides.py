@@ -22,6 +22,8 @@ from _bad_input import BadInput, run_case
 from conftest import REPO, shared_path
 
 torch.set_num_threads(1)
+# a DataLoader that reports its killed readers from __del__ would print a traceback in a real run
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 ENC = ("--encoder", "test_resnet", "progress=false", "batch_size=8")
 IN_PROCESS = ENC + ("num_workers=0",)
 ISOLATED = ENC + ("num_workers=1",)

@@ -252,3 +252,23 @@ def test_resume_after_a_kill_does_not_duplicate_metric_rows(tmp_path, monkeypatc
     with open(run / "metrics.csv", newline="") as fh:
         csv_steps = [int(r["step"]) for r in csv.DictReader(fh)]
     assert steps == csv_steps == list(range(1, 8))
+
+
+def test_heatmap_ignores_empty_slides_with_a_count(tmp_path, capfd):
+    from evaluation.extract import write_features_h5
+    from evaluation.heatmap_cli import main as heatmap_main
+
+    slide = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+    coords = np.array([[0, 0], [448, 0], [0, 448], [448, 448]], np.int64)
+    fdir = tmp_path / "features" / "h5_files"
+    write_features_h5(fdir / "CMU-1-Small-Region.h5", np.ones((4, 8), np.float32), coords, coords // 448,
+                      {"patch_size_level0": 448}, {"slide_id": "CMU-1-Small-Region"})
+    write_features_h5(fdir / "boxes.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64),
+                      np.zeros((0, 2), np.int32), {"patch_size_level0": 448}, {"slide_id": "boxes"})
+    (tmp_path / "s.csv").write_text("x,y,score\n" + "".join(f"{x},{y},{x + y}\n" for x, y in coords))
+    out = tmp_path / "heat"
+    # boxes' slide is not among --slides: an empty slide needs none
+    assert heatmap_main(["--slides", str(slide), "--features", str(tmp_path / "features"), "--scores",
+                         str(tmp_path / "s.csv"), "--out", str(out), "--mpp", "16", "--gallery", "0", "progress=false"]) == 0
+    assert "sgcl heatmap: ignored 1 slide with no patches: boxes" in capfd.readouterr().err
+    assert (out / "CMU-1-Small-Region_heatmap.png").is_file() and not list(out.glob("boxes*"))

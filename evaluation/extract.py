@@ -180,11 +180,16 @@ class SlideInput:
 
 def read_slide_input(path: Path, cfg: ExtractConfig) -> SlideInput:
     """Open one input and read its metadata, coords and grid (not its patches)."""
-    from evaluation.sources import h5_attrs, open_source, slide_id_of
+    from evaluation.sources import SourceError, count_patches, h5_attrs, open_source, slide_id_of
 
     attrs, cattrs = h5_attrs(path)
-    source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
-    desc = source.describe()
+    try:
+        source = open_source(path, cfg.slide_dirs, cfg.read_from, cfg.patch_size)
+        desc = source.describe()
+    except SourceError:
+        if count_patches(path):
+            raise
+        source, desc = None, {"read_mode": "none"}  # no patches: the slide is not needed (nor found)
     with h5py.File(path, "r") as f:
         coords = f["coords"][:].astype(np.int64).reshape(-1, 2)
     level0 = desc.get("patch_size_level0") or cattrs.get("patch_size_level0") or attrs.get("patch_size_level0")

@@ -78,13 +78,17 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
              "stall": _stalling_file(root / "stall.h5", "imgs"),
              "stall_coords": _stalling_file(root / "stall_coords.h5", "coords")}
     _zero_chunk(files["corrupt"], 1)
-    return {**files, "out": root / "out"}
+    with h5py.File(root / "clam_empty.h5", "w") as f:  # CLAM coords without patches, its slide nowhere
+        f.create_dataset("coords", data=np.zeros((0, 2), np.int64)).attrs.update(patch_size=256, patch_level=0)
+    return {**files, "clam_empty": root / "clam_empty.h5", "out": root / "out"}
 
 
 X = ("extract", "--out", "{out}/{case_id}")
 CASES = [
     BadInput("empty-slide", X + ("--inputs", "{empty}") + IN_PROCESS, 0, r"'done': 1, 'skipped': 0, 'failed': 0"),
     BadInput("empty-slide-isolated-trident", X + ("--inputs", "{empty}", "--layout", "trident") + ISOLATED, 0,
+             r"'done': 1, 'skipped': 0, 'failed': 0"),
+    BadInput("empty-clam-coords-without-slide", X + ("--inputs", "{clam_empty}") + ISOLATED, 0,
              r"'done': 1, 'skipped': 0, 'failed': 0"),
     BadInput("duplicate-slide-ids", X + ("--inputs", "{dup_a}", "{dup_b}") + IN_PROCESS, 2,
              r"duplicate slide id 'x': \S*/a/x\.h5 and \S*/b/x\.h5\. Slide ids name the output files"),

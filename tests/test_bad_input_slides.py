@@ -99,7 +99,7 @@ CASES = [
     BadInput("stalled-coords-read", X + ("--inputs", "{stall_coords}", "{empty}", "--slide-timeout", "2") + ISOLATED, 1,
              r"stall_coords\.h5: FAILED: timed out: still running after 2 s \(slide_timeout_s\); the worker was killed"),
     BadInput("zero-slide-timeout", X + ("--inputs", "{empty}", "--slide-timeout", "0") + IN_PROCESS, 2,
-             r"slide_timeout_s must be > 0 seconds"),
+             r"slide_timeout_s: 0\.0 is out of range; allowed: > 0"),
 ]
 # (slide id, status, error regex) of the manifest rows each case must leave
 ROWS = {

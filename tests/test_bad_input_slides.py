@@ -94,8 +94,8 @@ CASES = [
              r"duplicate slide id 'x': \S*/a/x\.h5 and \S*/b/x\.h5\. Slide ids name the output files"),
     BadInput("corrupt-chunk", X + ("--inputs", "{corrupt}", "{empty}", "--slide-timeout", "30") + ISOLATED, 1,
              r"corrupt\.h5: FAILED: OSError: Can't synchronously read data \(filter returned failure during read\)"),
-    BadInput("stalled-patch-read", X + ("--inputs", "{stall}", "{empty}", "--slide-timeout", "2") + ISOLATED, 1,
-             r"stall\.h5: FAILED: timed out: still running after 2 s \(slide_timeout_s\); its patch reads were stopped"),
+    BadInput("stalled-patch-read", X + ("--inputs", "{stall}", "{empty}", "--slide-timeout", "3") + ISOLATED, 1,
+             r"stall\.h5: FAILED: timed out: still running after 3 s \(slide_timeout_s\); its patch reads were stopped"),
     BadInput("stalled-coords-read", X + ("--inputs", "{stall_coords}", "{empty}", "--slide-timeout", "2") + ISOLATED, 1,
              r"stall_coords\.h5: FAILED: timed out: still running after 2 s \(slide_timeout_s\); the worker was killed"),
     BadInput("zero-slide-timeout", X + ("--inputs", "{empty}", "--slide-timeout", "0") + IN_PROCESS, 2,
@@ -104,7 +104,7 @@ CASES = [
 # (slide id, status, error regex) of the manifest rows each case must leave
 ROWS = {
     "corrupt-chunk": [("corrupt", "failed", r"^OSError: Can't synchronously read data"), ("boxes", "done", r"^$")],
-    "stalled-patch-read": [("stall", "failed", r"^timed out: still running after 2 s"), ("boxes", "done", r"^$")],
+    "stalled-patch-read": [("stall", "failed", r"^timed out: still running after 3 s"), ("boxes", "done", r"^$")],
     "stalled-coords-read": [("stall_coords", "failed", r"^timed out: still running after 2 s"), ("boxes", "done", r"^$")],
 }
 
@@ -118,7 +118,8 @@ def _manifest(folder: Path) -> dict[str, dict]:
 def test_bad_input_slides(case: BadInput, inputs, capfd):
     t0 = time.monotonic()
     run_case(case, capfd, case_id=case.id, **inputs)
-    assert time.monotonic() - t0 < 30, f"{case.id} took {time.monotonic() - t0:.0f} s"
+    if case.id.startswith("stalled"):  # stopped at its limit, not hung (the reads block for good)
+        assert time.monotonic() - t0 < 20, f"{case.id} took {time.monotonic() - t0:.0f} s"
     for sid, status, error in ROWS.get(case.id, []):
         row = _manifest(inputs["out"] / case.id)[sid]
         assert row["status"] == status and __import__("re").search(error, row["error"]), row

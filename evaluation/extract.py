@@ -17,7 +17,11 @@ where TRIDENT's own feature step puts them.
 
 Each slide is written atomically (h5 first, then pt); a slide whose h5 records the same
 ``params_hash`` and whose pt exists (when the layout has one) is skipped, so an interrupted run resumes. A failing slide is
-recorded and the others continue; the exit code is 1 if any failed. Under ``torchrun`` the slides
+recorded and the others continue; the exit code is 1 if any failed. With ``num_workers`` >= 1 a slide's
+input is read in child processes (its coords in a fresh one, as ``sgcl tile`` isolates slides; its patches
+in the DataLoader workers), so a read that stalls for good fails only that slide at ``slide_timeout_s``.
+A slide without patches gets an empty feature file ((0, D) features, (0, 2) coords) in every layout.
+Two inputs with one slide id are an error (exit 2). Under ``torchrun`` the slides
 are dealt out to ranks by patch count (largest first, to the least-loaded rank); each rank writes
 its slides and rank 0 merges the per-rank manifests.
 

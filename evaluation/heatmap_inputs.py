@@ -15,7 +15,7 @@ import numpy as np
 
 from evaluation.heatmap import HeatmapError
 from evaluation.sources import decode_attr
-from preprocessing.layouts import h5_files_in
+from preprocessing.layouts import LayoutError, feature_files_in
 
 
 @dataclass
@@ -43,8 +43,8 @@ class FeatureSlide:
 
 
 def feature_files(items: Sequence[str]) -> list[Path]:
-    """Feature ``.h5`` files from files and folders: a folder's own ``*.h5``, else its ``h5_files/`` (ours,
-    CLAM's) or its one ``features_<encoder>/`` (TRIDENT's; several are an error naming them)."""
+    """Feature ``.h5`` files from files and folders (a folder of any layout:
+    :func:`preprocessing.layouts.feature_files_in`)."""
     found: list[Path] = []
     for item in items:
         p = Path(item).expanduser()
@@ -54,15 +54,10 @@ def feature_files(items: Sequence[str]) -> list[Path]:
         if not p.is_dir():
             raise HeatmapError(f"features {p} does not exist; pass a feature .h5 file or a folder of them "
                                "(`sgcl extract --out` folder, its h5_files/, or TRIDENT's features_<encoder>/)")
-        own = h5_files_in(p)
-        if own:
-            found += own
-            continue
-        subs = ([p / "h5_files"] if (p / "h5_files").is_dir() else []) + sorted(
-            q for q in p.glob("features_*") if q.is_dir())
-        if len(subs) > 1:
-            raise HeatmapError(f"{p} holds several feature folders ({', '.join(str(s) for s in subs)}); pass the one to draw")
-        files = h5_files_in(subs[0]) if subs else []
+        try:
+            files = feature_files_in(p, exts=(".h5",))
+        except LayoutError as exc:
+            raise HeatmapError(str(exc)) from None
         if not files:
             raise HeatmapError(f"no feature .h5 files in {p} (nor in its h5_files/ or features_<encoder>/); "
                                "run `sgcl extract` first")

@@ -16,7 +16,8 @@ slide list     —                      —                                     
 
 Features (:class:`FeatureLayout`, ``sgcl extract --layout``): ``h5_files/S.h5`` + ``pt_files/S.pt``
 (``default``, which is CLAM's layout; ``clam`` is the same) or ``features_<encoder>/S.h5`` (``trident``).
-:func:`patch_files_in` finds the patch files of a tiling output folder of any layout.
+:func:`patch_files_in` finds the patch files of a tiling output folder of any layout, :func:`feature_files_in`
+the feature files of a feature folder of any layout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .mpp import magnification
 
@@ -114,9 +116,26 @@ def slide_id_from_file_name(path: Path) -> str:
     return stem[: -len(TRIDENT_SUFFIX)] if stem.endswith(TRIDENT_SUFFIX) and len(stem) > len(TRIDENT_SUFFIX) else stem
 
 
-def h5_files_in(folder: Path) -> list[Path]:
-    """A folder's own ``*.h5`` files, sorted, hidden files left out."""
-    return sorted(p for p in folder.glob("*.h5") if p.is_file() and not p.name.startswith("."))
+def h5_files_in(folder: Path, ext: str = ".h5") -> list[Path]:
+    """A folder's own ``*<ext>`` files (``*.h5`` by default), sorted, hidden files left out."""
+    return sorted(p for p in folder.glob(f"*{ext}") if p.is_file() and not p.name.startswith("."))
+
+
+def feature_files_in(folder: Path, exts: Sequence[str] = (".h5", ".pt")) -> list[Path]:
+    """The feature files (``exts``) of a feature folder of any layout, one rule for every reader:
+    ``folder``'s own files if it has any, else those of its ``h5_files/`` + ``pt_files/`` (ours, CLAM's),
+    else those of its one ``features_<encoder>/`` (TRIDENT's; several are an error naming them)."""
+    folder = Path(folder)
+    own = [p for ext in exts for p in h5_files_in(folder, ext)]
+    if own:
+        return sorted(own)
+    subs = [folder / name for name in ("h5_files", "pt_files") if (folder / name).is_dir()]
+    if not subs:
+        subs = sorted(p for p in folder.glob("features_*") if p.is_dir())
+        if len(subs) > 1:
+            raise LayoutError(f"{folder} holds several TRIDENT feature folders ({', '.join(p.name for p in subs)}); "
+                              "pass the one to use")
+    return sorted(p for sub in subs for ext in exts for p in h5_files_in(sub, ext))
 
 
 def patch_files_in(folder: Path) -> list[Path]:

@@ -141,3 +141,26 @@ def test_cohort_writes_each_layout_and_resumes(slides, tmp_path, layout):
     assert again.count("skipped") == 2  # resume finds the files where this layout put them
     if layout == "clam":
         assert set(pd.read_csv(out / "process_list_autogen.csv")["status"]) == {"already_exist"}
+
+
+def test_feature_files_in_reads_every_layout_by_one_rule(tmp_path):
+    from preprocessing.layouts import LayoutError, feature_files_in
+
+    def touch(*names):
+        for name in names:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes(b"")
+
+    touch("ours/h5_files/a.h5", "ours/pt_files/a.pt", "ours/pt_files/b.pt", "ours/h5_files/.hidden.h5")
+    assert [p.relative_to(tmp_path / "ours").as_posix() for p in feature_files_in(tmp_path / "ours")] == [
+        "h5_files/a.h5", "pt_files/a.pt", "pt_files/b.pt"]
+    assert [p.name for p in feature_files_in(tmp_path / "ours", exts=(".h5",))] == ["a.h5"]
+    touch("flat/x.h5", "flat/features_uni_v1/y.h5")  # a folder's own files win over any subfolder
+    assert [p.name for p in feature_files_in(tmp_path / "flat")] == ["x.h5"]
+    touch("job/features_uni_v1/s1.h5", "job/features_uni_v1/s2.h5")
+    assert [p.name for p in feature_files_in(tmp_path / "job")] == ["s1.h5", "s2.h5"]
+    touch("job/features_conch_v1/s1.h5")
+    with pytest.raises(LayoutError, match="several TRIDENT feature folders.*features_conch_v1.*features_uni_v1"):
+        feature_files_in(tmp_path / "job")
+    (tmp_path / "empty").mkdir()
+    assert feature_files_in(tmp_path / "empty") == []

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from preprocessing.layouts import slide_id_from_file_name
+from preprocessing.layouts import LayoutError, feature_files_in, slide_id_from_file_name
 
 
 class MilDataError(ValueError):
@@ -27,33 +27,20 @@ class MilDataError(ValueError):
 SPLITS = ("train", "val", "test")
 
 
-def _files(folder: Path, ext: str) -> list[Path]:
-    return sorted(p for p in folder.glob(f"*{ext}") if p.is_file() and not p.name.startswith("."))
-
-
 def find_feature_files(folder: str | Path, prefer: Literal["h5", "pt"] = "h5") -> dict[str, Path]:
-    """``{slide_id: feature file}`` of a features folder of any layout (module doc). With both an h5 and a
-    pt for a slide, ``prefer`` picks one."""
+    """``{slide_id: feature file}`` of a features folder of any layout (:func:`preprocessing.layouts.feature_files_in`).
+    With both an h5 and a pt for a slide, ``prefer`` picks one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MilDataError(f"features folder {folder} does not exist; pass the --out folder of `sgcl extract` "
                            "(or CLAM's / TRIDENT's features folder)")
-    candidates: list[Path] = []
-    if (folder / "h5_files").is_dir() or (folder / "pt_files").is_dir():
-        candidates = [folder / "h5_files", folder / "pt_files"]
-    elif _files(folder, ".h5") or _files(folder, ".pt"):
-        candidates = [folder]
-    else:
-        trident = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("features_"))
-        if len(trident) > 1:
-            raise MilDataError(f"{folder} holds several TRIDENT feature folders ({', '.join(p.name for p in trident)}); "
-                               "pass the one to use")
-        candidates = trident
+    try:
+        files = feature_files_in(folder)
+    except LayoutError as exc:
+        raise MilDataError(str(exc)) from None
     found: dict[str, dict[str, Path]] = {}
-    for c in candidates:
-        for ext in (".h5", ".pt"):
-            for p in _files(c, ext) if c.is_dir() else []:
-                found.setdefault(slide_id_from_file_name(p), {})[ext[1:]] = p
+    for p in files:
+        found.setdefault(slide_id_from_file_name(p), {})[p.suffix[1:]] = p
     if not found:
         raise MilDataError(f"no feature files (<slide>.h5 or <slide>.pt) in {folder} or its h5_files/, pt_files/ "
                            "or features_<encoder>/ folder; run `sgcl extract` first")

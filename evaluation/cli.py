@@ -62,7 +62,7 @@ class EncoderConfig:
     model_name: Optional[str] = None
     input_size: Optional[int] = bounded(None, ge=1)
     batch_size: int = bounded(64, ge=1)
-    num_workers: int = bounded(2, ge=0)
+    num_workers: Optional[int] = bounded(None, ge=0)  # loader workers; unset: min(8, allowed cores - 1) (docs/threads.md)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cache: Optional[str] = None            # features cache (.pt/.npz); default <out_dir>/features.pt
@@ -323,7 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg)
             return 0
-        results = run_protocol(protocol, cfg)
+        from sgcl.utils.threads import configure_threads, release_threads, resolve_workers
+
+        embeds = cfg.data.kind != "features"
+        if embeds:
+            cfg.encoder.num_workers = resolve_workers(cfg.encoder.num_workers, "encoder.num_workers")
+        configure_threads(workers=cfg.encoder.num_workers if embeds else 0)
+        try:
+            results = run_protocol(protocol, cfg)
+        finally:
+            release_threads()
     except (ConfigError, LabelsError, ValueError, FileNotFoundError) as exc:
         print(f"sgcl eval {protocol}: error: {exc}", file=sys.stderr)
         return 2

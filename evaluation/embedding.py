@@ -171,13 +171,17 @@ class EmbedStats:
                 "seconds_compute": round(self.seconds_compute, 4), "items_per_second": round(rate, 3)}
 
 
-def make_loader(dataset: ImageDataset, transform: BatchTransform, batch_size: int, num_workers: int,
+def make_loader(dataset: ImageDataset, transform: BatchTransform, batch_size: int, num_workers: int | None,
                 pin_memory: bool, timeout: float = 0) -> torch.utils.data.DataLoader:
-    """In-order batches; ``timeout`` (seconds, with workers only) bounds each wait for a batch."""
+    """In-order batches; ``timeout`` (seconds, with workers only) bounds each wait for a batch.
+    ``num_workers=None``: cores - 1 (:func:`sgcl.utils.threads.resolve_workers`); each worker runs 1 thread."""
+    from sgcl.utils.threads import resolve_workers, worker_init_fn
+
+    num_workers = resolve_workers(None) if num_workers is None else num_workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_Collate(transform),
         pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
-        timeout=timeout if num_workers > 0 else 0,
+        timeout=timeout if num_workers > 0 else 0, worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )
 
 
@@ -186,6 +190,8 @@ def embed_batches(model: nn.Module, batches, device: torch.device, amp: torch.dt
                   num_items: int, progress: str | None = None, stats: EmbedStats | None = None) -> np.ndarray:
     """Run ``model`` over an iterable of input batches; returns (N, D) float32 features."""
     from tqdm import tqdm
+
+    from sgcl.utils.threads import adapt_threads
 
     stats = stats if stats is not None else EmbedStats()
     model.to(device).eval()
@@ -209,6 +215,7 @@ def embed_batches(model: nn.Module, batches, device: torch.device, amp: torch.dt
                              "(create it with num_classes=0)")
         out.append(y.float().cpu().numpy())
         stats.seconds_compute += time.perf_counter() - tc
+        adapt_threads()  # an automatic thread count follows the machine's load
         stats.n += x.shape[0]
         bar.update(x.shape[0])
     bar.close()
@@ -221,7 +228,7 @@ def embed_batches(model: nn.Module, batches, device: torch.device, amp: torch.dt
     return feats
 
 
-def embed_dataset(encoder: Encoder, dataset: ImageDataset, batch_size: int = 64, num_workers: int = 2,
+def embed_dataset(encoder: Encoder, dataset: ImageDataset, batch_size: int = 64, num_workers: int | None = None,
                   device: str | torch.device = "auto", precision: Precision = "auto", progress: str | None = None,
                   stats: EmbedStats | None = None) -> np.ndarray:
     """Features (N, D) float32 of every image of ``dataset``, in order."""

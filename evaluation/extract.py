@@ -47,7 +47,7 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -79,7 +79,7 @@ class ExtractConfig:
     read_from: Literal["auto", "stored", "slide"] = "auto"
     patch_size: Optional[int] = bounded(None, ge=1)  # output patch side for on-the-fly reads (default: recorded)
     batch_size: int = bounded(64, ge=1)
-    num_workers: int = bounded(4, ge=0)
+    num_workers: Optional[int] = bounded(None, ge=0)  # loader workers; unset: min(8, allowed cores - 1) (docs/threads.md)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     feature_dtype: Literal["float32", "float16"] = "float32"
@@ -414,6 +414,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
     from preprocessing.layouts import FeatureLayout
     from sgcl.models.encoders import trident_folder_name
 
+    if cfg.num_workers is None:  # unset, from a library caller: what the command line resolves it to
+        from sgcl.utils.threads import resolve_workers
+
+        cfg = replace(cfg, num_workers=resolve_workers(None))
     rank, world, local_rank = dist_env()
     out_dir = ensure_writable_dir(cfg.out_dir)  # a read-only or full output folder: one error now, not one per slide
     inputs, ids, counts = scan_inputs(discover_inputs(cfg.inputs))
@@ -489,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features layout: h5_files/ + pt_files/ (default, = CLAM's) or TRIDENT's features_<encoder>/")
     p.add_argument("--slide-dir", dest="slide_dir", nargs="+", help="folders with the slides, for coords-only inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--num-workers", dest="num_workers", type=int)
+    p.add_argument("--num-workers", dest="num_workers", type=int, help="loader workers (default min(8, cores - 1))")
     p.add_argument("--device")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--slide-timeout", dest="slide_timeout", type=float, metavar="SECONDS",
@@ -522,7 +526,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not cfg.inputs:
             raise ConfigError("no inputs: pass --inputs <patch .h5 files or folders> (or inputs=[...] in the config)")
-        result = run_extract(cfg)
+        from sgcl.utils.threads import configure_threads, release_threads, resolve_workers
+
+        cfg.num_workers = resolve_workers(cfg.num_workers, "num_workers")
+        configure_threads(workers=cfg.num_workers)
+        try:
+            result = run_extract(cfg)
+        finally:
+            release_threads()
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"sgcl extract: error: {exc}", file=sys.stderr)
         return 2

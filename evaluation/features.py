@@ -106,7 +106,7 @@ def cache_key(lset: LabelledSet, encoder_fp: dict, precision: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def compute_features(lset: LabelledSet, encoder, batch_size: int = 64, num_workers: int = 2, device: str = "auto",
+def compute_features(lset: LabelledSet, encoder, batch_size: int = 64, num_workers: int | None = None, device: str = "auto",
                      precision: str = "auto", cache: str | Path | None = None, progress: bool = True) -> FeatureSet:
     """Embed every item of ``lset`` with ``encoder`` (an :class:`evaluation.embedding.Encoder`);
     reuse ``cache`` when it matches, else write it."""

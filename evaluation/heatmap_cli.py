@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg)
             return 0
+        from sgcl.utils.threads import configure_threads
+
+        configure_threads(workers=0)
         rows = run_heatmap(cfg)
     except (ConfigError, HeatmapError) as exc:
         print(f"sgcl heatmap: error: {exc}", file=sys.stderr)

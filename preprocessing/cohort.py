@@ -41,6 +41,7 @@ import pandas as pd
 
 from sgcl.utils.atomic import (STORAGE_ERRNOS, FileLock, LockBusy, atomic_path, ensure_writable_dir,
                                os_error_message, remove_stale_temporaries)
+from sgcl.utils.threads import apply_child_threads, child_threads, threads_for_children
 
 from .config import TileConfig
 from .layouts import Layout
@@ -181,10 +182,12 @@ def _die_with_parent() -> None:
             pass
 
 
-def _child(fn: Callable, args: tuple, conn, parent_pid: int) -> None:
+def _child(fn: Callable, args: tuple, conn, parent_pid: int, spawned_threads: int | None = None) -> None:
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    if spawned_threads is not None:  # a forked child inherits them (threads_for_children in run_isolated)
+        apply_child_threads(spawned_threads)
     try:
         result = fn(*args)
     except BaseException as exc:  # noqa: BLE001 - report everything to the parent
@@ -209,14 +212,24 @@ def _exit_reason(code: int | None, doing: str = "tiling") -> str:
 
 def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callable[[object, object], None],
                  on_crash: Callable[[object, str], object], timeout: float | None = None,
-                 doing: str = "tiling") -> None:
+                 doing: str = "tiling", threads: int | None = None) -> None:
     """Run ``fn(*args)`` for each ``(key, args)`` in ``items``, at most ``workers`` child processes at a
     time, one fresh process per item. ``items`` is consumed lazily (an item is drawn only when a
     process slot is free). ``on_result(key, result)`` is called in the parent as results arrive; a
     child that dies without a result, or runs longer than ``timeout`` seconds (it is then killed), gets
     ``on_result(key, on_crash(key, reason))``; ``doing`` names the work in that reason. ``sgcl extract``
-    reads each slide's input this way too."""
+    reads each slide's input this way too. Each child runs ``threads`` threads (cv2, torch; default: the
+    allowed cores shared by ``workers``, :func:`sgcl.utils.threads.child_threads`)."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    threads = child_threads(max(1, workers)) if threads is None else threads
+    spawned = threads if ctx.get_start_method() == "spawn" else None
+    with threads_for_children(threads):  # the parallel children share the cores (cv2: one thread per core each)
+        _run_children(ctx, items, fn, workers, on_result, on_crash, timeout, doing, spawned)
+
+
+def _run_children(ctx, items: Iterable, fn: Callable, workers: int, on_result: Callable[[object, object], None],
+                  on_crash: Callable[[object, str], object], timeout: float | None, doing: str,
+                  spawned: int | None) -> None:
     pending = iter(items)
     exhausted = False
     running: dict = {}
@@ -229,7 +242,7 @@ def run_isolated(items: Iterable, fn: Callable, workers: int, on_result: Callabl
                     break
                 key, args = item
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_child, args=(fn, args, send, os.getpid()), daemon=True)
+                proc = ctx.Process(target=_child, args=(fn, args, send, os.getpid(), spawned), daemon=True)
                 proc.start()
                 send.close()
                 running[recv] = (proc, key, time.monotonic())

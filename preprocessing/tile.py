@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("\t".join([job.slide_id, str(job.path), *extra]))
             print(f"{len(mine)} of {len(jobs)} slides in shard {i}/{n}", file=sys.stderr)
             return 0
+        from sgcl.utils.threads import allowed_cpus, configure_threads, resolve_workers
+
+        if cfg.workers > 0:  # explicit (default 1); more than the cores gets a note. The parent only waits
+            cfg.workers = resolve_workers(cfg.workers, "workers", limit=allowed_cpus())
+        configure_threads(workers=0)
         summary = run_cohort(cfg, progress=not args.quiet)
     except (ConfigError, CohortError) as exc:
         print(f"sgcl tile: error: {exc}", file=sys.stderr)

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _ = COMMANDS[name]
     from sgcl.config import ConfigError
     from sgcl.utils.atomic import os_error_message
+    from sgcl.utils.threads import release_threads
 
     module = importlib.import_module(module_name)
     try:
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sgcl {name}: {os_error_message(exc)}", file=sys.stderr)
         return 2
+    finally:
+        release_threads()  # a command's thread plan ends with it (in-process callers: tests, notebooks)
 
 
 if __name__ == "__main__":

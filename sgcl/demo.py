@@ -445,7 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(_resolve(cfg.slide)).is_file():
         print(f"sgcl demo: slide {cfg.slide} not found; pass --slide PATH", file=sys.stderr)
         return 2
-    run_demo(cfg)
+    from sgcl.utils.threads import configure_threads, release_threads
+
+    # every stage runs in this process with 0 loader workers; the tiling child gets the cores too
+    print(configure_threads(workers=0).describe())
+    try:
+        run_demo(cfg)
+    finally:
+        release_threads()
     return 0
 
 

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="train.max_steps")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="per-process batch (data.batch_size)")
-    p.add_argument("--workers", type=int, help="loader workers per process (data.workers)")
+    p.add_argument("--workers", type=int, help="loader workers per process (data.workers; default min(8, cores per rank - 1))")
     p.add_argument("--resume", help="checkpoint to resume from (default: <out>/checkpoints/last.pt if present)")
     p.add_argument("--device", help="auto | cpu | cuda (train.device)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train.precision")
@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-weights", dest="init_weights",
                    help="start the backbone from these weights (model.init_weights; see docs/encoders.md)")
     return p
+
+
+def _log_rank0(msg: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[sgcl pretrain] {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
+    from sgcl.utils.threads import configure_threads, release_threads, resolve_workers
+
+    try:  # before the heavy imports: a bad knob fails fast
+        cfg.data.workers = resolve_workers(cfg.data.workers, "data.workers")
+        configure_threads(workers=cfg.data.workers, log=_log_rank0)
+    except ConfigError as exc:
+        print(f"sgcl pretrain: {exc}", file=sys.stderr)
+        return 2
     from sgcl.data.dataset import DatasetError
     from sgcl.models.backbone import BackboneError
     from sgcl.train.checkpoint import CheckpointError
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close(ok)
+        release_threads()
     return 0
 
 

@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg)
             return 0
+        from sgcl.utils.threads import configure_threads, resolve_workers
+
+        cfg.data.num_workers = resolve_workers(cfg.data.num_workers, "data.num_workers")
+        configure_threads(workers=cfg.data.num_workers)
         results = run_mil(cfg)
     except (ConfigError, MilDataError, ValueError, FileNotFoundError) as exc:
         print(f"sgcl eval mil: error: {exc}", file=sys.stderr)

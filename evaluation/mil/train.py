@@ -58,8 +58,10 @@ def cosine_lambda(total_steps: int, min_ratio: float):
 
 def _loader(ds: BagDataset, shuffle: bool, workers: int, seed: int):
     g = torch.Generator().manual_seed(seed)
+    from sgcl.utils.threads import worker_init_fn
+
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=shuffle, num_workers=workers, generator=g,
-                                       pin_memory=False)
+                                       pin_memory=False, worker_init_fn=worker_init_fn if workers > 0 else None)
 
 
 @torch.no_grad()

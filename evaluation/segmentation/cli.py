@@ -96,6 +96,10 @@ def run_train(argv: Sequence[str]) -> int:
         return 0
     if not cfg.data:
         raise ConfigError("no data: pass --data <folder or CSV> (or data=... in the config)")
+    from sgcl.utils.threads import configure_threads, resolve_workers
+
+    cfg.train.num_workers = resolve_workers(cfg.train.num_workers, "train.num_workers")
+    configure_threads(workers=cfg.train.num_workers, requested=cfg.train.threads or None)
     from .train import train_segmentation  # torch + timm: only when there is work to do
 
     results = train_segmentation(cfg, progress=not args.quiet)
@@ -114,6 +118,9 @@ def run_predict(argv: Sequence[str]) -> int:
     from .train import load_checkpoint, probability_fn, resolve_device
 
     args = _predict_parser().parse_args(argv)
+    from sgcl.utils.threads import configure_threads
+
+    configure_threads(workers=0)
     device = resolve_device(args.device)
     model, spec = load_checkpoint(args.checkpoint, device)
     fn = probability_fn(model)

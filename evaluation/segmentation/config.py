@@ -35,7 +35,7 @@ class SegTrainConfig:
     ce_weight: float = bounded(0.5, ge=0)
     exclude_background: bool = True  # in the Dice loss and in the mean Dice/IoU reported
     augment: bool = True
-    threads: int = bounded(0, ge=0)  # torch CPU threads; 0 = torch's default
+    threads: int = bounded(0, ge=0)  # torch CPU threads; 0 = automatic (allowed cores - workers; docs/threads.md)
 
     def validate(self) -> None:
         """dice_weight and ce_weight are not both 0."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sgcl.config import to_dict
 from sgcl.utils.atomic import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from sgcl.utils.threads import worker_init_fn
 
 from .config import SegConfig
 from .data import PatchDataset, SegPair, check_pairs, discover_splits, infer_num_classes, load_pair, select_fraction
@@ -180,7 +181,8 @@ def train_segmentation(cfg: SegConfig, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=False, drop_last=True,
-                            num_workers=t.num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
+                            num_workers=t.num_workers, persistent_workers=False, pin_memory=device.type == "cuda",
+                            worker_init_fn=worker_init_fn if t.num_workers > 0 else None)
         model.train()
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", disable=not progress, leave=False)

@@ -21,7 +21,7 @@ class DataConfig:
     files: list[str] = field(default_factory=list)  # and/or files, globs, .txt lists of files
     slide_dirs: list[str] = field(default_factory=list)  # folders with the slides of coords-only (--no-pixels) files; else source_path attr
     batch_size: int = bounded(64, ge=1)  # per process
-    workers: int = bounded(8, ge=0)     # DataLoader worker processes per process
+    workers: Optional[int] = bounded(None, ge=0)  # DataLoader worker processes per process; unset: min(8, allowed cores - 1) (docs/threads.md)
     cache_files: int = bounded(64, ge=1)  # open HDF5 handles (or slides, for coords-only files) kept per worker (LRU)
     prefetch_factor: int = bounded(2, ge=1)  # batches loaded in advance per worker
     pin_memory: bool = True

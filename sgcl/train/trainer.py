@@ -42,6 +42,7 @@ from sgcl.transforms.multicrop import QuadrantMultiCrop
 from sgcl.transforms.photometric import PhotometricAugment, PhotometricParams
 from sgcl.transforms.views import ViewBuilder
 from sgcl.utils.atomic import atomic_write_json
+from sgcl.utils.threads import adapt_threads, resolve_workers, worker_init_fn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -281,10 +282,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
-        workers = self.cfg.data.workers
+        workers = self.cfg.data.workers  # unset: cores - 1 (the entry point notes an explicit value above that)
+        workers = resolve_workers(None) if workers is None else workers
         kwargs: dict[str, Any] = {}
         if workers > 0:
             kwargs["prefetch_factor"] = self.cfg.data.prefetch_factor
+            kwargs["worker_init_fn"] = worker_init_fn
         return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=self.sampler, num_workers=workers,
                           collate_fn=collate, pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
                           drop_last=True, generator=self.loader_gen, persistent_workers=False, **kwargs)
@@ -388,6 +391,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.method.on_after_step(out)
                 self.global_step += 1
+                adapt_threads()  # an automatic thread count follows the machine's load (sgcl.utils.threads)
                 elapsed = time.perf_counter() - t0
                 row = {"step": self.global_step, "epoch": epoch, **terms_acc, "lr": lr,
                        "img_per_s": seen / elapsed if elapsed > 0 else 0.0, "elapsed_s": time.perf_counter() - t_fit}

@@ -137,6 +137,19 @@ def test_configure_threads_sets_torch_and_the_child_environment(clean_env):
     assert th.configure_threads().threads is None and torch.get_num_threads() == 1
 
 
+def test_no_load_check_under_a_quota_narrower_than_the_affinity(clean_env, tmp_path):
+    # a container limited to 2 CPUs of a 16-core host: /proc/stat shows the host, not its share
+    _cores(clean_env, 16, tmp_path)
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    clean_env.setattr(th, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    clean_env.setattr(th, "others_load", lambda interval_s=0.2: 12.0)
+    plan = th.configure_threads()
+    assert (plan.threads, plan.cpus, plan.source) == (2, 2, "auto") and th._GOVERNOR is None
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota: the load check applies
+    assert th.configure_threads().threads == 4 and th._GOVERNOR is not None
+    th.release_threads()
+
+
 @pytest.mark.parametrize("cpus, requested, expected", [(1, None, 0), (2, None, 1), (16, None, 8), (2, 0, 0), (16, 12, 12)])
 def test_loader_workers_default_to_cores_minus_one(monkeypatch, cpus, requested, expected):
     _cores(monkeypatch, cpus)

@@ -10,13 +10,14 @@ What every ``sgcl`` entry point does (:func:`configure_threads`, knobs in docs/t
   Docker ``--cpuset-cpus``), capped by the cgroup CPU quota (``/sys/fs/cgroup/cpu.max``: Docker
   ``--cpus``, Kubernetes limits) where there is one.
 - **threads** of the main process = cores / local ranks (``torchrun``'s ``LOCAL_WORLD_SIZE``) − loader
-  workers, at least 1; 1 when the machine is already busy (the other processes' load ≥ the cores).
+  workers, at least 1, and no more than the cores other processes leave free (measured on the allowed
+  cores at start and every 5 s in the training/embedding loops: :class:`LoadGovernor`).
   ``SGCL_NUM_THREADS=N`` pins it, ``SGCL_NUM_THREADS=off`` leaves torch's defaults alone; an
   ``OMP_NUM_THREADS`` the user exported wins over the automatic value (torchrun's own default of 1
   per rank does not count as the user's).
 - **child processes** inherit ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` set to the
-  same value (only those the user did not set); DataLoader workers and tiling children run 1 thread
-  each (:func:`worker_init_fn`, :func:`child_threads`).
+  same value (only those the user did not set); DataLoader workers run 1 thread each
+  (:func:`worker_init_fn`), tiling children cores / children (:func:`child_threads`).
 - **loader workers** default to at most cores − 1 (:func:`resolve_workers`); a larger explicit value is
   honoured with a one-line note.
 """
@@ -52,8 +53,9 @@ class ThreadsError(ConfigError):
 
 
 # -- what this process may use ------------------------------------------------------------------
-def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> float | None:
+def cgroup_cpu_limit(cpu_max: Path | None = None) -> float | None:
     """The cgroup CPU quota in cores (``"200000 100000"`` -> 2.0); None when unlimited or absent."""
+    cpu_max = CGROUP_CPU_MAX if cpu_max is None else cpu_max
     try:
         if cpu_max.is_file():
             quota, period = cpu_max.read_text().split()[:2]
@@ -66,7 +68,7 @@ def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> float | None:
     return None
 
 
-def allowed_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+def allowed_cpus(cpu_max: Path | None = None) -> int:
     """Cores this process may run on: its CPU affinity, capped by the cgroup CPU quota (rounded up)."""
     try:
         n = len(os.sched_getaffinity(0))
@@ -237,9 +239,15 @@ def configure_threads(workers: int = 0, requested: int | None = None, log=None) 
     cpus = allowed_cpus()
     knob = os.environ.get(ENV_THREADS, "").strip().lower()
     automatic = not requested and knob in ("", "auto") and _users_omp(os.environ, local) is None
-    plan = plan_threads(cpus, workers, local, requested, os.environ, load=others_load() if automatic else 0.0)
+    # under a CPU quota narrower than the affinity (a container on a big host) /proc/stat shows the whole
+    # host's CPUs, not this container's share: no load check there
+    seen = _allowed_set()
+    quota = cgroup_cpu_limit()
+    load_visible = quota is None or seen is None or quota >= len(seen)
+    plan = plan_threads(cpus, workers, local, requested, os.environ,
+                        load=others_load() if automatic and load_visible else 0.0)
     global _GOVERNOR
-    _GOVERNOR = LoadGovernor(plan) if plan.source in ("auto", "busy") else None
+    _GOVERNOR = LoadGovernor(plan) if plan.source in ("auto", "busy") and load_visible else None
     if plan.threads is not None:
         child_env(plan, os.environ)
         _set_torch_threads(plan.threads)
@@ -356,27 +364,9 @@ def worker_init_fn(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's signa
         cv2.setNumThreads(0)
 
 
-def chain_worker_init(fn=None):
-    """:func:`worker_init_fn` followed by ``fn`` (a loader's own init function), or alone."""
-    if fn is None:
-        return worker_init_fn
-    return _Chained(fn)
-
-
-class _Chained:
-    """Picklable ``worker_init_fn`` + another init function (spawn start method)."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def __call__(self, worker_id: int) -> None:
-        worker_init_fn(worker_id)
-        self.fn(worker_id)
-
-
 def child_threads(children: int) -> int:
     """Threads for each of ``children`` parallel child processes (tiling): the allowed cores shared
-    out, at least 1; applied to cv2 and torch in the child by :func:`apply_child_threads`."""
+    out, at least 1; applied by :func:`threads_for_children` (forked) or :func:`apply_child_threads` (spawned)."""
     knob = os.environ.get(ENV_THREADS, "").strip().lower()
     if knob not in ("", "auto", "off"):
         return _count(ENV_THREADS, knob)
@@ -425,5 +415,5 @@ __all__ = [
     "ENV_THREADS", "BLAS_ENV", "ThreadPlan", "ThreadsError", "allowed_cpus", "cgroup_cpu_limit", "others_load",
     "LoadMeter", "LoadGovernor", "threads_for_load", "adapt_threads", "release_threads",
     "local_world_size", "plan_threads", "child_env", "configure_threads", "worker_limit", "resolve_workers", "worker_init_fn",
-    "chain_worker_init", "child_threads", "threads_for_children", "apply_child_threads",
+    "child_threads", "threads_for_children", "apply_child_threads",
 ]

@@ -109,7 +109,7 @@ def ann_main(a) -> int:
     faiss.normalize_L2(xq)
     bank_y = torch.from_numpy(y[src_of])
     kmax = max(a.ks)
-    plan = plan_index(a.bank, kmax, "auto", exact_max=0, nlist=a.nlist, nprobe=a.nprobe)
+    plan = plan_index(a.bank, kmax, "auto", exact_max=0, nlist=a.nlist, nprobe=a.nprobe, scan=a.scan, rerank=a.rerank)
     t = time.perf_counter()
     ann = search_ann(bank, queries, kmax, plan)
     t_ann = time.perf_counter() - t
@@ -137,7 +137,7 @@ def ann_main(a) -> int:
           f"labelled patches, random-init ResNet-18, standardised) each replicated with N(0, {a.noise}^2) noise, "
           f"L2-normalised; {a.queries} queries = held-out real views + the same noise; {a.threads} threads")
     print(f"  plan {plan}")
-    print(f"  IVF total (k-means + assign + search) {t_ann:8.2f} s")
+    print(f"  IVF total (k-means + assign + search{' + re-rank' if plan.get('scan') == 'int8' else ''}) {t_ann:8.2f} s")
     print(f"  exact faiss IndexFlatIP              {t_exact:8.2f} s  (timed on {g} queries: {t_exact_sub:.2f} s, "
           f"scaled x{a.queries / g:g})")
     print(f"  speed-up incl. training              {res['speedup_incl_training']:.1f}x  (target >= 10x)")
@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nlist", type=int, default=None, help="--ann: override the rule")
     p.add_argument("--nprobe", type=int, default=None, help="--ann: override the rule")
+    p.add_argument("--scan", default="float32", choices=["float32", "int8"], help="--ann: IVF list scan (knn.scan)")
+    p.add_argument("--rerank", type=int, default=8, help="--ann, --scan int8: candidates re-scored = rerank * k")
     p.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     a = p.parse_args(argv)
     if a.ann:

@@ -78,6 +78,8 @@ class KnnConfig:
     exact_max: int = bounded(200_000, ge=0)  # index=auto: exact search up to this many bank items
     nlist: Optional[int] = bounded(None, ge=1)  # ivf lists; None = power of two nearest sqrt(N)/4
     nprobe: Optional[int] = bounded(None, ge=1)  # ivf lists searched; None = max(16, nlist // 8)
+    scan: Literal["float32", "int8"] = "float32"  # ivf list scan: float32, or int8 residual codes + exact re-rank
+    rerank: int = bounded(8, ge=1)  # ivf int8 scan: candidates re-scored exactly per query = rerank * k
     hnsw_m: Optional[int] = bounded(None, ge=2)  # hnsw graph degree; None = 48
     ef_search: Optional[int] = bounded(None, ge=1)  # hnsw search breadth; None = max(256, 4 k)
     seed: int = bounded(0, ge=0)  # ivf k-means training sample and init
@@ -219,7 +221,7 @@ def run_protocol(protocol: str, cfg: EvalConfig) -> dict:
             print(f"sgcl eval knn: warning: {note}", file=sys.stderr)
             results.setdefault("warnings", []).append(note)
         plan = plan_index(len(bank_x), min(max(kc.ks), len(bank_x)), kc.index, kc.exact_max, kc.nlist, kc.nprobe,
-                          hnsw_m=kc.hnsw_m, ef_search=kc.ef_search, seed=kc.seed)
+                          hnsw_m=kc.hnsw_m, ef_search=kc.ef_search, seed=kc.seed, scan=kc.scan, rerank=kc.rerank)
         results["knn_index"] = plan
         res = knn_classify(bank_x, bank_y, test_x, c, kc.ks, kc.temperature, kc.backend, kc.batch_size, index=plan)
         results["knn"] = {}

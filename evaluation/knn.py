@@ -8,12 +8,12 @@ the largest summed weight. Two search backends give the same predictions:
   millions of vectors works in bounded extra memory;
 - ``torch``: chunked ``mm`` + ``topk`` (no dependency beyond torch; runs on a GPU tensor as is).
 
-Above a bank size (``exact_max``) the search can be approximate (``index="auto"`` chooses): a faiss
-IVF (inverted lists from faiss k-means on a seeded sample, searched list by list with one matrix product per list) or ``IndexHNSWFlat`` (graph),
-both on inner product. :func:`plan_index` gives the index kind and its parameters from the bank size
-by documented rules (each overridable); the plan is a plain dict for results files. The vote is the
-same for every index; queries an approximate index returns fewer than ``k`` neighbours for are
-searched exactly.
+Above a bank size (``exact_max``) the search can be approximate (``index="auto"`` chooses), in
+:mod:`evaluation.ann`: an IVF index (faiss k-means lists, scanned list by list with int8 residual
+codes, the best ``rerank * k`` candidates re-scored exactly) or faiss ``IndexHNSWFlat``, both on inner
+product. :func:`plan_index` gives the index kind and its parameters from the bank size by documented
+rules (each overridable); the plan is a plain dict for results files. The vote is the same for every
+index; queries an approximate index returns fewer than ``k`` neighbours for are searched exactly.
 
 Both return the neighbour indices only; the vote is computed by one shared function from the
 neighbour indices (canonically ordered) and similarities recomputed the same way, so the two
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluation.ann import DEFAULT_EXACT_MAX, IndexKind, plan_index, search_ann  # noqa: F401 (re-exported)
+
 Backend = Literal["faiss", "torch"]
-IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
-DEFAULT_EXACT_MAX = 200_000   # banks up to this size are searched exactly under index="auto"
-TRAIN_PER_LIST = 64           # IVF k-means sample: this many points per list (faiss needs >= 39)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -83,113 +82,6 @@ def search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, batch_size: 
         _, idx = index.search(xq, k)
         out.append(torch.from_numpy(idx.astype(np.int64)))
     return torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
-
-
-def _pow2(x: float) -> int:
-    return 1 << max(0, int(round(np.log2(max(x, 1.0)))))
-
-
-def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAULT_EXACT_MAX,
-               nlist: int | None = None, nprobe: int | None = None, train_per_list: int = TRAIN_PER_LIST,
-               hnsw_m: int | None = None, ef_search: int | None = None, seed: int = 0) -> dict:
-    """The search index for a bank of ``n`` vectors and ``k`` neighbours, as a JSON-ready dict.
-
-    Rules (``None`` = the rule; any value overrides it):
-
-    - ``auto``: ``exact`` when ``n <= exact_max``, else ``ivf``;
-    - ``ivf``: ``nlist`` = the power of two nearest ``sqrt(n) / 4`` (at most ``n // 39``, so k-means
-      has 39 points per list; 1M -> 256); ``nprobe`` = ``max(16, nlist // 8)`` (1M: 32 of 256 lists,
-      1/8 of the bank scanned); spherical k-means (20 iterations) on a seeded sample of
-      ``min(n, train_per_list * nlist)`` bank vectors;
-    - ``hnsw``: ``M`` = 48, ``efConstruction`` = 200, ``efSearch`` = ``max(256, 4 k)``.
-    """
-    if index not in ("auto", "exact", "ivf", "hnsw"):
-        raise ValueError(f"unknown kNN index {index!r}; choose auto, exact, ivf or hnsw")
-    kind = ("exact" if n <= exact_max else "ivf") if index == "auto" else index
-    plan: dict = {"index": kind, "requested": index, "n": int(n), "exact_max": int(exact_max)}
-    if kind == "ivf":
-        nl = int(nlist) if nlist else min(_pow2(np.sqrt(n) / 4), max(1, n // 39))
-        plan.update(nlist=nl, nprobe=min(nl, int(nprobe) if nprobe else max(16, nl // 8)),
-                    train_size=int(min(n, train_per_list * nl)), seed=int(seed))
-    elif kind == "hnsw":
-        plan.update(M=int(hnsw_m or 48), ef_construction=200, ef_search=int(ef_search or max(256, 4 * k)))
-    return plan
-
-
-def _hnsw_index(xb: np.ndarray, plan: dict):
-    import faiss
-
-    index = faiss.IndexHNSWFlat(xb.shape[1], plan["M"], faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = plan["ef_construction"]
-    index.hnsw.efSearch = plan["ef_search"]
-    index.add(xb)
-    return index
-
-
-def _search_ivf(xb: np.ndarray, xq: np.ndarray, k: int, plan: dict) -> torch.Tensor:
-    """IVF search batched by list: faiss spherical k-means on a seeded sample, bank assigned to its
-    nearest centroid, queries to their ``nprobe`` nearest; then, per list, ONE matrix product of the
-    list's bank vectors with every query probing it (BLAS speed, unlike a per-query list scan) and a
-    top-k; the per-list candidates are merged. Rows with fewer than ``k`` candidates hold -1."""
-    import faiss
-
-    n, d = xb.shape
-    nlist, nprobe = plan["nlist"], plan["nprobe"]
-    rng = np.random.default_rng(plan["seed"])
-    sample = np.sort(rng.choice(n, plan["train_size"], replace=False))
-    km = faiss.Kmeans(d, nlist, niter=20, spherical=True, seed=plan["seed"], max_points_per_centroid=1 << 30)
-    km.train(np.ascontiguousarray(xb[sample]))
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(km.centroids)
-    _, assign = quantizer.search(xb, 1)
-    order = np.argsort(assign[:, 0], kind="stable")
-    bounds = np.searchsorted(assign[order, 0], np.arange(nlist + 1))
-    lists = torch.from_numpy(xb[order])                      # bank sorted by list
-    _, probes = quantizer.search(xq, nprobe)
-    q = torch.from_numpy(xq)
-    nq = xq.shape[0]
-    cand_s = torch.full((nq, nprobe * k), -float("inf"))
-    cand_i = torch.full((nq, nprobe * k), -1, dtype=torch.int64)
-    flat = probes.ravel()
-    qidx, slot = np.repeat(np.arange(nq), nprobe), np.tile(np.arange(nprobe), nq)
-    by_list = np.argsort(flat, kind="stable")
-    qb = np.searchsorted(flat[by_list], np.arange(nlist + 1))
-    for lst in range(nlist):
-        sel, lo, hi = by_list[qb[lst]:qb[lst + 1]], int(bounds[lst]), int(bounds[lst + 1])
-        if len(sel) == 0 or hi == lo:
-            continue
-        qq, sl = torch.from_numpy(qidx[sel]), torch.from_numpy(slot[sel])
-        v, j = torch.topk(q[qq] @ lists[lo:hi].T, min(k, hi - lo), dim=1)
-        cols = sl[:, None] * k + torch.arange(v.shape[1])[None]
-        cand_s[qq[:, None], cols] = v
-        cand_i[qq[:, None], cols] = j + lo
-    v, j = torch.topk(cand_s, k, dim=1)
-    pos = cand_i.gather(1, j)
-    return torch.where(pos >= 0, torch.from_numpy(order)[pos.clamp(min=0)], torch.full_like(pos, -1))
-
-
-def search_ann(bank: torch.Tensor, queries: torch.Tensor, k: int, plan: dict, batch_size: int = 4096) -> torch.Tensor:
-    """Top-``k`` inner-product neighbours from the approximate index of ``plan`` (:func:`plan_index`);
-    a query with fewer than ``k`` neighbours found (probed IVF lists too short) is searched exactly."""
-    _check(bank, queries)
-    k = min(k, bank.shape[0])
-    xb = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
-    xq_all = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-    if plan["index"] == "ivf":
-        nn = _search_ivf(xb, xq_all, k, plan)
-    elif plan["index"] == "hnsw":
-        index = _hnsw_index(xb, plan)
-        out = []
-        for start in range(0, xq_all.shape[0], batch_size):
-            _, idx = index.search(xq_all[start:start + batch_size], k)
-            out.append(torch.from_numpy(idx.astype(np.int64)))
-        nn = torch.cat(out) if out else torch.zeros((0, k), dtype=torch.int64)
-    else:
-        raise ValueError(f"not an approximate index: {plan['index']!r}")
-    short = (nn < 0).any(1).nonzero().flatten()
-    if len(short):
-        nn[short] = search_faiss(bank, queries[short], k, batch_size)
-    return nn
 
 
 def weighted_vote(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, neighbours: torch.Tensor,

@@ -44,8 +44,8 @@ def plan_index(n: int, k: int, index: IndexKind = "auto", exact_max: int = DEFAU
     - ``ivf``: ``nlist`` = the power of two nearest ``sqrt(n) / 4`` (at most ``n // 39``, so k-means
       has 39 points per list; 1M -> 256); ``nprobe`` = ``max(16, nlist // 8)`` (1M: 32 of 256 lists);
       spherical k-means (20 iterations) on a seeded sample of ``min(n, train_per_list * nlist)`` bank
-      vectors; ``scan`` int8 residual codes with ``rerank * k`` candidates re-scored exactly (default),
-      or float32;
+      vectors; ``scan`` float32 (default: at 1M x 512 on a 2-core CPU the int8 scan, with ``rerank * k``
+      candidates re-scored exactly, reached the same recall but was slower, docs/benchmarks.md) or int8;
     - ``hnsw``: ``M`` = 48, ``efConstruction`` = 200, ``efSearch`` = ``max(256, 4 k)``.
     """
     if index not in ("auto", "exact", "ivf", "hnsw"):

@@ -9,9 +9,9 @@ the largest summed weight. Two search backends give the same predictions:
 - ``torch``: chunked ``mm`` + ``topk`` (no dependency beyond torch; runs on a GPU tensor as is).
 
 Above a bank size (``exact_max``) the search can be approximate (``index="auto"`` chooses), in
-:mod:`evaluation.ann`: an IVF index (faiss k-means lists, scanned list by list with int8 residual
-codes, the best ``rerank * k`` candidates re-scored exactly) or faiss ``IndexHNSWFlat``, both on inner
-product. :func:`plan_index` gives the index kind and its parameters from the bank size by documented
+:mod:`evaluation.ann`: an IVF index (faiss k-means lists, scanned list by list in float32, or in int8
+residual codes with the best ``rerank * k`` candidates re-scored exactly) or faiss ``IndexHNSWFlat``,
+both on inner product. :func:`plan_index` gives the index kind and its parameters from the bank size by documented
 rules (each overridable); the plan is a plain dict for results files. The vote is the same for every
 index; queries an approximate index returns fewer than ``k`` neighbours for are searched exactly.
 

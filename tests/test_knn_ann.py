@@ -13,10 +13,11 @@ import torch
 from benchmarks.knn import real_features
 from evaluation import ann
 from evaluation.knn import knn_classify, l2_normalize, plan_index, search_ann, search_faiss
+from tests._bad_input import BadInput, run_case
 from tests.conftest import shared_path
 
 torch.set_num_threads(1)
-AUTO_SCAN = "int8"   # the IVF scan the auto rule picks (docs/benchmarks.md, 1M x 512)
+AUTO_SCAN = "float32"   # the IVF scan the auto rule picks (docs/benchmarks.md, 1M x 512: int8 was slower)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,8 @@ def test_auto_flips_at_the_threshold_and_rules():
     p = plan_index(1001, 20, exact_max=1000)
     assert p["index"] == "ivf" and p["requested"] == "auto" and p["nlist"] == 8 and p["nprobe"] == 8
     p = plan_index(1_000_000, 200)
-    assert (p["nlist"], p["nprobe"], p["train_size"], p["scan"], p["rerank"]) == (256, 32, 16_384, AUTO_SCAN, 8)
-    assert "rerank" not in plan_index(1_000_000, 20, scan="float32")
+    assert (p["nlist"], p["nprobe"], p["train_size"], p["scan"]) == (256, 32, 16_384, AUTO_SCAN)
+    assert plan_index(1_000_000, 20, scan="int8")["rerank"] == 8 and "rerank" not in plan_index(10**6, 20, scan="float32")
     assert plan_index(10, 20, "ivf", nlist=4, nprobe=2)["nprobe"] == 2
     assert plan_index(5000, 20, "hnsw")["ef_search"] == 256
     with pytest.raises(ValueError, match="unknown kNN index"):
@@ -150,3 +151,19 @@ def test_short_ivf_lists_fall_back_to_exact():
     plan = plan_index(400, 50, "ivf", nlist=10, nprobe=1)
     nn = search_ann(l2_normalize(x), l2_normalize(x[:20]), 50, plan)
     assert (nn >= 0).all() and nn.shape == (20, 50)
+
+
+CASES = [
+    BadInput("knn-scan-unknown", ("eval", "knn", "--out", "{tmp}/o", "data.kind=features", "data.features={tmp}/f.pt",
+                                  "knn.scan=int4"), 2, r"knn\.scan"),
+    BadInput("knn-rerank-not-int", ("eval", "knn", "--out", "{tmp}/o", "data.kind=features",
+                                    "data.features={tmp}/f.pt", "knn.rerank=many"), 2, r"knn\.rerank"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_knn_index_bad_input(case, capfd, tmp_path):
+    from evaluation.features import FeatureSet
+
+    FeatureSet(torch.randn(30, 8), torch.arange(30) % 3, ["a", "b", "c"]).save(tmp_path / "f.pt")
+    run_case(case, capfd, tmp=tmp_path)

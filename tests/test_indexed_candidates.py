@@ -90,13 +90,18 @@ def test_sampled_members_are_uniform_over_the_group():
     assert chisquare(freq.numpy()).pvalue > 1e-3
 
 
-def test_pooled_semi_hard_mining_draws_the_same_quantile_band():
+def _mining_case(n: int = 20000):
+    """4 random queries, ``n`` random keys, each key's rank fraction per query, no owner to exclude."""
     gen = torch.Generator().manual_seed(0)
-    n, k = 20000, 32
     keys = F.normalize(torch.randn(n, 16, generator=gen), dim=1)
     query = F.normalize(torch.randn(4, 16, generator=gen), dim=1)
     rank = torch.argsort(torch.argsort(query @ keys.t(), dim=1, descending=True), dim=1).double() / n
-    exclude = torch.full((4, 1), -1)
+    return keys, query, rank, torch.full((4, 1), -1)
+
+
+def test_pooled_semi_hard_mining_draws_the_same_quantile_band():
+    k = 32
+    keys, query, rank, exclude = _mining_case()
     q_full, q_pool = [], []
     for seed in range(30):
         for pool, out in ((0, q_full), (8000, q_pool)):
@@ -129,12 +134,8 @@ def test_pooled_mining_with_replacement_keeps_the_exhaustive_quantiles_when_k_ex
     """A small pool's band (⌈0.2·2,000⌉ = 400 positions) is shorter than k = 512: positions drawn
     with replacement keep the Beta(5, 15) quantiles of exhaustive mining; without replacement the
     whole band is taken and the chosen negatives are easier (the test can fail)."""
-    gen = torch.Generator().manual_seed(0)
-    n, k = 20000, 512
-    keys = F.normalize(torch.randn(n, 16, generator=gen), dim=1)
-    query = F.normalize(torch.randn(4, 16, generator=gen), dim=1)
-    rank = torch.argsort(torch.argsort(query @ keys.t(), dim=1, descending=True), dim=1).double() / n
-    exclude = torch.full((4, 1), -1)
+    k = 512
+    keys, query, rank, exclude = _mining_case()
     full, pooled, flat = [], [], []
     for seed in range(20):
         for out, kw in ((full, {}), (pooled, {"pool": 2000, "replacement": True}), (flat, {"pool": 2000})):

@@ -80,6 +80,28 @@ def bounded(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
                              metadata={RANGE: Range(gt, ge, lt, le)})
 
 
+def arg_in_range(tp: type, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+                 le: float | None = None):
+    """An argparse ``type=`` for a plain flag (one that is not a config key) with the same range check and
+    message as :func:`bounded`: ``p.add_argument("--window", type=arg_in_range(int, ge=1))``; an out-of-range
+    value is an argparse error (exit 2) naming the flag."""
+    allowed = Range(gt, ge, lt, le)
+
+    def parse(text: str):
+        try:
+            value = tp(float(text)) if tp is int and _number_text(text) is not None else tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, got {text!r}") from None
+        if tp is int and _number_text(text) is not None and float(text) != value:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: {allowed}")
+        return value
+
+    parse.__name__ = tp.__name__  # argparse names the type in its messages
+    return parse
+
+
 def field_range(f: dataclasses.Field) -> Range | None:
     """The :class:`Range` declared with :func:`bounded` on the dataclass field ``f``, if any."""
     return f.metadata.get(RANGE)

@@ -74,6 +74,13 @@ CASES = [
     BadInput("seg-lr-0", ("eval", "seg", "--data", "{tmp}", "train.lr=0"), 2, rf"train\.lr: 0\.0 {RANGE} > 0"),
     BadInput("seg-fractions", ("eval", "seg", "--data", "{tmp}", "val_fraction=0.5", "test_fraction=0.6"), 2,
              r"test_fraction: val_fraction \+ test_fraction = 1\.1 leaves no training images"),
+    # plain flags (not config keys) use the same range check through sgcl.config.arg_in_range
+    BadInput("seg-predict-overlap-1", ("eval", "seg", "predict", "--checkpoint", "{tmp}", "--image", "{slide}", "--overlap", "1"), 2,
+             rf"--overlap: 1 {RANGE} in \[0, 1\)"),
+    BadInput("seg-predict-window-0", ("eval", "seg", "predict", "--checkpoint", "{tmp}", "--image", "{slide}", "--window", "0"), 2,
+             rf"--window: 0 {RANGE} >= 1"),
+    BadInput("seg-predict-batch-sci", ("eval", "seg", "predict", "--checkpoint", "{tmp}", "--image", "{slide}", "--batch-size", "1.5e0"), 2,
+             r"--batch-size: .*expected an integer"),
     BadInput("demo-epochs-0", ("demo", "--out", "{tmp}/demo", "epochs=0"), 2, rf"epochs: 0 {RANGE} >= 1"),
     # item 8: the source of an unknown key
     BadInput("unknown-key-command-line", ("pretrain", "--config", "configs/pretrain/tiny_cpu.yaml", "optim.lrr=0.1"), 2,

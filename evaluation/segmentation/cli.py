@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sgcl.cli import examples_epilog
-from sgcl.config import ConfigError, add_config_arguments, config_from_args, print_config
+from sgcl.config import ConfigError, add_config_arguments, arg_in_range, config_from_args, print_config
 from sgcl.utils.atomic import atomic_write_json, ensure_writable_dir
 
 from .config import SegConfig
@@ -63,14 +63,14 @@ def _predict_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", nargs="+", help="image file(s) of any size")
     src.add_argument("--slide", help="a whole-slide image")
     p.add_argument("--region", help="level-0 box x0,y0,w,h of --slide (default: the whole slide)")
-    p.add_argument("--mpp", type=float, help="µm/px to predict at (default: the checkpoint's training µm/px)")
-    p.add_argument("--slide-mpp", type=float, help="slide resolution when its header has none")
+    p.add_argument("--mpp", type=arg_in_range(float, gt=0), help="µm/px to predict at (default: the checkpoint's training µm/px)")
+    p.add_argument("--slide-mpp", type=arg_in_range(float, gt=0), help="slide resolution when its header has none")
     p.add_argument("--out", default="seg_predictions")
-    p.add_argument("--window", type=int, help="window side (default: the training patch size)")
-    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--window", type=arg_in_range(int, ge=1), help="window side (default: the training patch size)")
+    p.add_argument("--overlap", type=arg_in_range(float, ge=0, lt=1), default=0.5, help="share of a window overlapping its neighbour, in [0, 1)")
     p.add_argument("--weighting", choices=["gaussian", "uniform"], default="gaussian")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tile-size", type=int, default=2048, help="slide regions are processed in tiles of this many px")
+    p.add_argument("--batch-size", type=arg_in_range(int, ge=1), default=8)
+    p.add_argument("--tile-size", type=arg_in_range(int, ge=1), default=2048, help="slide regions are processed in tiles of this many px")
     p.add_argument("--device", default="auto")
     return p
 
@@ -82,8 +82,8 @@ def _nuclei_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--images", nargs="*", help="H&E images (default ../shared/data/images/he-*)")
     p.add_argument("--slide", help="slide to add tissue regions from (default: the demo slide); 'none' to skip")
-    p.add_argument("--slide-regions", type=int, default=3)
-    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--slide-regions", type=arg_in_range(int, ge=0), default=3)
+    p.add_argument("--tile-size", type=arg_in_range(int, ge=1), default=256)
     p.add_argument("--overwrite", action="store_true")
     return p
 

@@ -8,6 +8,7 @@ ends here as one line naming the key or path, with exit code 2, never a tracebac
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _ = COMMANDS[name]
     from sgcl.config import ConfigError
     from sgcl.utils.atomic import os_error_message
+
+    STORAGE_HINTED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # messages with a fix
     from sgcl.utils.threads import release_threads
 
     module = importlib.import_module(module_name)
@@ -85,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # read-only or full output folder, no permission: the message names the path
         if os.environ.get("SGCL_DEBUG"):
             raise
-        print(f"sgcl {name}: {os_error_message(exc)}", file=sys.stderr)
+        message = os_error_message(exc)
+        if exc.errno not in STORAGE_HINTED:  # not a known storage fault: say how to see where it came from
+            message += " (SGCL_DEBUG=1 shows where it happened)"
+        print(f"sgcl {name}: {message}", file=sys.stderr)
         return 2
     finally:
         release_threads()  # a command's thread plan ends with it (in-process callers: tests, notebooks)

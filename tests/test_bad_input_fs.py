@@ -224,3 +224,21 @@ def test_ensure_free_space_refuses_a_block_that_does_not_fit(tmp_path, monkeypat
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(total=0, used=0, free=0))
     ensure_free_space(tmp_path, 10**9)  # a filesystem without statistics: not judged
+
+
+def test_an_unknown_os_error_is_one_line_that_says_how_to_see_where(capfd, monkeypatch):
+    """An OSError that is not a storage fault (e.g. HDF5's "file signature not found") is one line and exit 2,
+    with the hint that SGCL_DEBUG=1 shows its traceback; with SGCL_DEBUG set it is raised."""
+    import evaluation.heatmap_cli as heatmap_cli
+
+    def fail(argv=None):
+        raise OSError("Unable to open file (file signature not found)")
+
+    monkeypatch.setattr(heatmap_cli, "main", fail)
+    run_case(BadInput("unknown-os-error", ("heatmap",), 2,
+                      r"^sgcl heatmap: Unable to open file \(file signature not found\) \(SGCL_DEBUG=1 shows where"), capfd)
+    monkeypatch.setenv("SGCL_DEBUG", "1")
+    from sgcl.cli import main
+
+    with pytest.raises(OSError, match="file signature"):
+        main(["heatmap"])

@@ -146,9 +146,17 @@ def local_exclude(rows: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
     return torch.where((ex >= 0) & (rows[pos] == ex), pos, torch.full_like(ex, -1))
 
 
-def _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool, replacement):
+def mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk=0, valid=None, pool=0, replacement=False):
+    """:func:`mine_negatives` within ``pool`` uniform rows of ``keys`` shared by the batch. Returns
+    ``(rows (P,), local index (B, k'), mask (B, k'))``: the mined negatives are ``rows[local]`` (callers
+    that score the whole pool once keep ``rows`` and ``local``)."""
     rows = draw_pool(keys.shape[0], pool, gen, query.device)
     sub_valid = None if valid is None else valid.to(query.device)[rows]
-    idx, mask = mine_negatives(query, keys.index_select(0, rows), local_exclude(rows, exclude), k, mode, frac, a, b, gen, chunk,
-                               sub_valid, pool=0, replacement=replacement)
-    return rows[idx], mask
+    local, mask = mine_negatives(query, keys.index_select(0, rows), local_exclude(rows, exclude), k, mode, frac, a, b, gen,
+                                 chunk, sub_valid, pool=0, replacement=replacement)
+    return rows, local, mask
+
+
+def _mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool, replacement):
+    rows, local, mask = mine_in_pool(query, keys, exclude, k, mode, frac, a, b, gen, chunk, valid, pool, replacement)
+    return rows[local], mask

@@ -45,7 +45,7 @@ from sgcl.memory.queue import FeatureQueue
 from sgcl.methods.base import DatasetMeta, PretrainMethod
 from sgcl.methods.common import MomentumEncoder, autocast_off, make_head, num_features, step_generator
 from sgcl.methods.config import INDEXED_MINING_POOL, INDEXED_NPID_SAMPLE, MethodConfig, uses_indexed
-from sgcl.mining import draw_pool, local_exclude, mine_negatives
+from sgcl.mining import mine_in_pool, mine_negatives
 from sgcl.train.health import RecentRows
 
 log = logging.getLogger(__name__)
@@ -295,11 +295,8 @@ class SGCL(PretrainMethod):
             # bounded pool shared by the batch (the draws of mine_negatives(pool=...)); Beta rank
             # positions with replacement keep their shape in a short band. The pool rows are kept
             # so that the loss scores the negatives with one (B, pool) product, not a (B, k, D) gather.
-            rows = draw_pool(rank_keys.shape[0], pool, gen, rank_q.device)
-            local, neg_mask = mine_negatives(
-                rank_q, rank_keys.index_select(0, rows), local_exclude(rows, exclude), s.nei_k, s.mining, s.mining_frac,
-                s.beta_a, s.beta_b, generator=gen, chunk=s.sim_chunk, replacement=True,
-            )
+            rows, local, neg_mask = mine_in_pool(rank_q, rank_keys, exclude, s.nei_k, s.mining, s.mining_frac,
+                                                 s.beta_a, s.beta_b, gen, chunk=s.sim_chunk, pool=pool, replacement=True)
             self._neg_pool = (rows, local)
             return pos_idx, pos_mask, rows[local], neg_mask, diag
         neg_idx, neg_mask = mine_negatives(
